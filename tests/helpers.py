@@ -1,0 +1,242 @@
+"""Reference models with shared random weights, and checkpoint files in every released layout.
+
+The references are diffusers' classes (a test-only dependency); tensor names and shapes of generated files come
+from them, never from our own code. Full-size files are sparse: a real header, and a data region that is a hole.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from diffusers import ZImageTransformer2DModel
+from safetensors.torch import save_file
+
+# The released transformer (zimage-spec.md 1.2; HF Tongyi-MAI/Z-Image-Turbo transformer/config.json).
+REAL = dict(
+    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+)  # fmt: skip
+# diffusers' own tiny test config (tests/models/transformers/test_models_transformer_z_image.py), n_kv_heads = n_heads.
+TINY = dict(REAL, dim=16, n_layers=1, n_refiner_layers=1, n_heads=1, n_kv_heads=1, cap_feat_dim=16,
+            axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])  # fmt: skip
+# Small but with the real head size and RoPE (loads from a single file without a config).
+SMALL = dict(REAL, dim=256, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=64)
+# A slice of the real model: real widths, few layers.
+SLICE = dict(REAL, n_layers=2, n_refiner_layers=1)
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8",
+}  # fmt: skip
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every parameter seeded random values of a sensible scale (norms around 1, pad tokens too)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pad_token" in name:
+                p.normal_(0, 1, generator=g)
+            elif "norm" in name or name.startswith(("cap_embedder.0", "siglip_embedder.0")):
+                p.normal_(1, 0.1, generator=g)
+            elif p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5, generator=g)
+            else:
+                p.normal_(0, 0.05, generator=g)
+    return model
+
+
+def reference_transformer(config: dict, seed: int = 0) -> ZImageTransformer2DModel:
+    """diffusers' ZImageTransformer2DModel with seeded random weights, in fp32."""
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**config)
+    return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+
+
+def reference_forward(model, latents: list[torch.Tensor], t, captions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """diffusers' list API: latents (C, H, W) each, returns (C, H, W) each."""
+    with torch.no_grad():
+        out = model([x[:, None] for x in latents], t, captions, return_dict=False)[0]
+    return [o[:, 0] for o in out]
+
+
+def to_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names -> ComfyUI single-file names (zimage-spec.md 3.2): fused qkv, `x_embedder`, `final_layer`."""
+    out = {}
+    for name, t in sd.items():
+        if ".attention.to_k." in name or ".attention.to_v." in name:
+            continue
+        if ".attention.to_q." in name:
+            k, v = (sd[name.replace(".to_q.", s)] for s in (".to_k.", ".to_v."))
+            out[name.replace(".to_q.", ".qkv.")] = torch.cat([t, k, v])
+            continue
+        for old, new in (
+            ("all_x_embedder.2-1.", "x_embedder."), ("all_final_layer.2-1.", "final_layer."),
+            (".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+            (".attention.norm_k.", ".attention.k_norm."),
+        ):  # fmt: skip
+            name = name.replace(old, new)
+        out[name] = t
+    return out
+
+
+def is_block_linear(name: str) -> bool:
+    return (
+        name.endswith(".weight")
+        and any(f".{n}." in name for n in ("attention", "feed_forward"))
+        and ("norm" not in name)
+    )
+
+
+def fp8_forms(sd: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[dict, dict]], dict[str, torch.Tensor]]:
+    """The three fp8 forms users have, from one state dict, and the dequantized values a reference should load.
+
+    plain: every floating tensor cast to fp8 (as a ComfyUI fp8 save does); scaled: block Linear weights in fp8
+    with `scale_weight` and a `scaled_fp8` marker; comfy_quant: the same with `weight_scale`, `comfy_quant` and
+    `_quantization_metadata`. The scaled forms share one quantization, so they share the dequantized values.
+    """
+    e4m3 = torch.float8_e4m3fn
+    plain = {k: v.to(e4m3) for k, v in sd.items()}
+    plain_deq = {k: v.float() for k, v in plain.items()}
+    scaled, quant, deq, layers = {"scaled_fp8": torch.empty(0, dtype=e4m3)}, {}, {}, {}
+    for name, w in sd.items():
+        if not is_block_linear(name):
+            scaled[name] = quant[name] = deq[name] = w
+            continue
+        scale = w.abs().amax().float() / 448.0
+        q = (w / scale).to(e4m3)
+        deq[name] = q.float() * scale
+        layer = name.removesuffix(".weight")
+        scaled[name] = quant[name] = q
+        scaled[layer + ".scale_weight"] = quant[layer + ".weight_scale"] = scale.reshape(())
+        scaled[layer + ".scale_input"] = quant[layer + ".input_scale"] = torch.ones(())
+        quant[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+        layers[layer] = {"format": "float8_e4m3fn"}
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    return {"plain": (plain, {}), "scaled": (scaled, {}), "comfy_quant": (quant, meta)}, {
+        "plain": plain_deq,
+        "scaled": deq,
+    }
+
+
+def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def write_diffusers_folder(folder: Path, model: ZImageTransformer2DModel, shard_size: str = "10GB") -> Path:
+    """A diffusers model folder written by diffusers itself (small `shard_size` gives shards and an index)."""
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    return folder
+
+
+def write_pipeline_folder(root: Path, model: ZImageTransformer2DModel, shard_size: str = "10GB") -> Path:
+    """A pipeline folder as released on the hub: model_index.json and the transformer/ subfolder."""
+    write_diffusers_folder(root / "transformer", model, shard_size)
+    (root / "model_index.json").write_text(
+        json.dumps({"_class_name": "ZImagePipeline", "transformer": ["diffusers", "ZImageTransformer2DModel"]})
+    )
+    return root
+
+
+def write_sparse(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """A safetensors file whose listed tensors are (shape, dtype) holes, or real data when given as tensors."""
+    header, offset, data = {}, 0, []
+    items = sorted(
+        tensors.items(), key=lambda kv: -(kv[1].dtype if isinstance(kv[1], torch.Tensor) else kv[1][1]).itemsize
+    )
+    for name, spec in items:
+        shape, dtype = (tuple(spec.shape), spec.dtype) if isinstance(spec, torch.Tensor) else spec
+        size = int(torch.Size(shape).numel()) * dtype.itemsize
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        if isinstance(spec, torch.Tensor):
+            data.append((offset, spec.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()))
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for start, blob in data:
+            f.seek(8 + len(raw) + start)
+            f.write(blob)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def full_size_specs(config: dict = REAL, dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple]:
+    """Every tensor name and shape of the diffusers model for `config`, as (shape, dtype) specs."""
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**config)
+    return {n: (tuple(t.shape), dtype) for n, t in model.state_dict().items()}
+
+
+def sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
+    """Full-size sparse checkpoints in every layout users have; returns layout name -> path to load."""
+    specs = full_size_specs(config, torch.float32)
+    paths = {}
+    # diffusers pipeline folder as on the hub: fp32 transformer in 3 shards with an index.
+    folder = root / "Z-Image-Turbo" / "transformer"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(specs)
+    shards = [names[i::3] for i in range(3)]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"diffusion_pytorch_model-{i:05d}-of-00003.safetensors"
+        write_sparse(folder / file, {n: specs[n] for n in shard})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(torch.Size(s).numel() * d.itemsize for s, d in specs.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel", **config}))
+    (root / "Z-Image-Turbo" / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
+    paths["diffusers folder (fp32 shards)"] = folder
+    paths["diffusers pipeline folder"] = root / "Z-Image-Turbo"
+
+    comfy = to_comfy({n: torch.empty(s, device="meta") for n, (s, _) in specs.items()})
+    bf16 = {n: (tuple(t.shape), torch.bfloat16) for n, t in comfy.items()}
+    paths["ComfyUI single file bf16"] = write_sparse(root / "z_image_turbo_bf16.safetensors", bf16)
+    prefixed = {"model.diffusion_model." + n: s for n, s in bf16.items()}
+    paths["ComfyUI single file, model.diffusion_model. prefix"] = write_sparse(
+        root / "z_image_turbo_prefixed.safetensors", prefixed
+    )
+    e4m3 = torch.float8_e4m3fn
+    fp8 = {n: (s, e4m3 if is_block_linear(n) else d) for n, (s, d) in bf16.items()}
+    paths["fp8 plain"] = write_sparse(root / "z_image_turbo_fp8_e4m3fn.safetensors", fp8)
+    scale = torch.tensor(0.01)
+    scaled = dict(fp8, scaled_fp8=torch.empty(0, dtype=e4m3))
+    scaled.update({n.removesuffix(".weight") + ".scale_weight": scale for n in fp8 if is_block_linear(n)})
+    paths["fp8 scaled (scaled_fp8)"] = write_sparse(root / "z_image_turbo_fp8_scaled.safetensors", scaled)
+    quant, layers = dict(fp8), {}
+    conf = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    for n in fp8:
+        if is_block_linear(n):
+            layer = n.removesuffix(".weight")
+            quant[layer + ".weight_scale"], quant[layer + ".comfy_quant"] = scale, conf
+            layers[layer] = {"format": "float8_e4m3fn"}
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    paths["fp8 ComfyUI quantized (comfy_quant)"] = write_sparse(
+        root / "z_image_turbo_fp8_quant.safetensors", quant, meta
+    )
+    return paths
+
+
+def make_inputs(config: dict, size: tuple[int, int], cap_lens: list[int], seed: int = 0):
+    """Latents (B, C, H, W), model times (B,), and captions both padded (B, L, D) and as diffusers' list."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(cap_lens), config["in_channels"], *size, generator=g)
+    t = torch.rand(len(cap_lens), generator=g)
+    captions = [torch.randn(n, config["cap_feat_dim"], generator=g) for n in cap_lens]
+    padded = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True)
+    return latents, t, padded, captions

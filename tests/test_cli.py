@@ -1,0 +1,120 @@
+"""`python -m zimage_core inspect` on every layout and every bad input; the smoke command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SMALL, fp8_forms, to_comfy, write_diffusers_folder, write_file, write_pipeline_folder
+
+ROOT = Path(__file__).parents[1]
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def layouts(small_ref, tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    sd = small_ref.state_dict()
+    comfy = to_comfy(sd)
+    forms, _ = fp8_forms(comfy)
+    paths = {
+        "diffusers folder": write_diffusers_folder(root / "folder", small_ref, "300KB"),
+        "diffusers pipeline folder": write_pipeline_folder(root / "Z-Image-Turbo", small_ref),
+        "ComfyUI single file": write_file(
+            root / "z_image_turbo_bf16.safetensors", {k: v.bfloat16() for k, v in comfy.items()}
+        ),
+        "prefixed single file": write_file(
+            root / "prefixed.safetensors", {"model.diffusion_model." + k: v for k, v in comfy.items()}
+        ),
+    }
+    for form, (tensors, metadata) in forms.items():
+        paths[f"fp8 {form}"] = write_file(root / f"fp8_{form}.safetensors", tensors, metadata)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "diffusers folder",
+        "diffusers pipeline folder",
+        "ComfyUI single file",
+        "prefixed single file",
+        "fp8 plain",
+        "fp8 scaled",
+        "fp8 comfy_quant",
+    ],
+)
+def test_inspect_json_on_every_layout(layouts, small_ref, name):
+    result = cli("inspect", "--json", layouts[name])
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["kind"] == "Z-Image transformer"
+    assert info["parameters"] == sum(p.numel() for p in small_ref.parameters())
+    assert info["config"]["dim"] == SMALL["dim"] and info["config"]["n_layers"] == SMALL["n_layers"]
+    assert info["layout"] == ("single file" if "file" in name or "fp8" in name else name)
+    assert info["quantization"].startswith("fp8") == name.startswith("fp8")
+    assert info["load_seconds"] > 0 and info["peak_rss_bytes"] > info["held_bytes"]
+
+
+def test_inspect_text_output(layouts):
+    result = cli("inspect", layouts["diffusers pipeline folder"])
+    assert result.returncode == 0, result.stderr
+    for row in ("kind ", "variant ", "turbo", "layout ", "diffusers pipeline folder", "parameters ", "peak RSS "):
+        assert row in result.stdout
+
+
+def test_inspect_with_fp8_weights_and_fp32_compute(layouts):
+    info = json.loads(
+        cli(
+            "inspect", "--json", "--dtype", "fp32", "--weight-dtype", "fp8_e4m3fn", layouts["ComfyUI single file"]
+        ).stdout
+    )
+    assert info["dtype"] == "float32" and info["held_bytes"] < 4 * info["parameters"] / 2
+
+
+def test_inspect_fails_clearly_on_bad_input(tmp_path, small_ref):
+    cases = {}
+    cases["missing"] = (tmp_path / "absent.safetensors", "no such file")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 100)
+    cases["corrupt"] = (garbage, "not a safetensors file")
+    cut = write_file(tmp_path / "cut.safetensors", to_comfy(small_ref.state_dict()))
+    cut.write_bytes(cut.read_bytes()[:-10])
+    cases["truncated"] = (cut, "truncated")
+    folder = write_diffusers_folder(tmp_path / "noindex", small_ref, "300KB")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    cases["no index"] = (folder, "no *.safetensors.index.json")
+    cases["flux"] = (
+        write_file(tmp_path / "flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}),
+        "Flux",
+    )
+    comfy = to_comfy(small_ref.state_dict())
+    cases["missing keys"] = (write_file(tmp_path / "partial.safetensors", dict(list(comfy.items())[:-3])), "missing")
+    cases["wrong shape"] = (
+        write_file(tmp_path / "shape.safetensors", dict(comfy, x_pad_token=torch.zeros(1, 8))),
+        "wrong shape",
+    )
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"x")
+    cases["pickle"] = (pickle, "never loaded")
+    for what, (path, fragment) in cases.items():
+        result = cli("inspect", path)
+        assert result.returncode == 1, what
+        assert result.stderr.startswith("error: ") and str(path) in result.stderr and fragment in result.stderr, (
+            what,
+            result.stderr,
+        )
+        assert "Traceback" not in result.stderr
+
+
+def test_smoke_command():
+    result = cli("smoke", "--size", "256")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ") and "finite: True" in result.stdout

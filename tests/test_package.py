@@ -1,0 +1,63 @@
+"""The pack as ComfyUI, the Comfy Registry and Manager see it."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).parents[1]
+HOST_MODULES = {"comfy", "comfy_extras", "comfy_api", "folder_paths", "server", "nodes", "execution", "latent_preview"}
+
+
+def test_pyproject_for_the_registry():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    meta = project["project"]
+    assert meta["name"] == "comfyui-zimage" and meta["version"] and meta["urls"]["Repository"]
+    deps = " ".join(meta["dependencies"])
+    for needed in ("safetensors", "transformers", "numpy", "pillow"):
+        assert needed in deps
+    assert "torch" not in deps and "diffusers" not in deps
+    assert any(d.startswith("diffusers==") for d in meta["optional-dependencies"]["test"])
+    assert {"PublisherId", "DisplayName", "Icon"} <= project["tool"]["comfy"].keys()
+
+
+def test_requirements_leave_torch_to_the_host():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    names = {line.split(">")[0].split("=")[0].split("<")[0] for line in lines if line}
+    assert names == {"safetensors", "transformers", "numpy", "pillow"}
+
+
+def test_pack_imports_without_comfyui_and_without_torch():
+    """Loaded the way ComfyUI loads a pack (a package from its folder's __init__.py), with no host present."""
+    code = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("zimage_pack", {str(ROOT / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["zimage_pack"] = pack
+spec.loader.exec_module(pack)
+assert isinstance(pack.NODE_CLASS_MAPPINGS, dict) and isinstance(pack.NODE_DISPLAY_NAME_MAPPINGS, dict)
+assert "torch" not in sys.modules, "importing the pack pulled in torch"
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_core_never_imports_the_host():
+    for path in (ROOT / "zimage_core").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in HOST_MODULES, f"{path}: imports {name}"
+
+
+def test_shipped_files_never_unpickle_or_exec():
+    for path in [*ROOT.glob("*.py"), *(ROOT / "zimage_core").rglob("*.py"), *(ROOT / "nodes").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = ast.unparse(node.func)
+                assert func not in {"eval", "exec", "torch.load", "pickle.load", "pickle.loads"}, f"{path}: {func}"

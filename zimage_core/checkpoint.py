@@ -1,0 +1,514 @@
+"""From a user's path to a ready model: safetensors files, the layouts Z-Image ships in, fp8 forms, errors.
+
+Models are built on the meta device and filled tensor by tensor from memory maps of the files, cast on the way,
+and each tensor's pages are handed back to the kernel right after its copy. (The safetensors library keeps every
+page it touched mapped until the file is closed, which doubles peak RSS for a full-size model; the format
+itself is a JSON header and raw little-endian data, so reading it here takes a few lines.)
+
+Layouts: a diffusers folder (`config.json`, one file or shards with an index), a whole diffusers pipeline folder
+(`model_index.json`), and single files in ComfyUI's naming (with or without `model.diffusion_model.`) or in
+diffusers' naming; fp8 weights plain, in the older scaled form (`scaled_fp8`, `*.scale_weight`) or in ComfyUI's
+quantized form (`*.weight_scale`, `*.comfy_quant`, `_quantization_metadata`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .transformer import Linear, TransformerConfig, ZImageTransformer
+
+
+class CheckpointError(Exception):
+    """A file or folder that cannot be loaded; the message names it and says what to do."""
+
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+SHARD = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
+
+
+class SafetensorsFile:
+    """One safetensors file: its validated header, and tensors read from a private memory map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size or n > 100_000_000:
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length). Re-download it.")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e}). Re-download it.") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header. Re-download it.")
+        self.metadata = header.pop("__metadata__", None) or {}
+        base, data_size, self.entries = 8 + n, size - 8 - n, {}
+        for name, e in header.items():
+            try:
+                dtype, shape, (start, end) = DTYPES.get(e["dtype"]), [int(d) for d in e["shape"]], e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}. Re-download it.") from None
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which is not supported.")
+            if end - start != math.prod(shape) * dtype.itemsize or start < 0:
+                raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}. Re-download it.")
+            self.entries[name] = (dtype, tuple(shape), base + start, base + end)
+        needed = max((e[3] for e in self.entries.values()), default=base) - base
+        if needed > data_size:
+            raise CheckpointError(
+                f"{path}: truncated: its header needs {needed + base:,} bytes but the file has {size:,}. "
+                "The download or copy did not finish; fetch the file again."
+            )
+        self._map = None
+
+    def read(self, name: str) -> torch.Tensor:
+        """A CPU tensor viewing the file's bytes; copy it, then call `release(name)`."""
+        dtype, shape, start, end = self.entries[name]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes back
+        if start % dtype.itemsize:
+            return torch.frombuffer(bytearray(self._map[start:end]), dtype=dtype).view(shape)
+        return torch.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start).view(shape)
+
+    def release(self, name: str):
+        """Drop the pages of `name` from this process (they stay in the page cache)."""
+        _, _, start, end = self.entries[name]
+        if self._map is not None and end > start:
+            page = start - start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, page, end - page)
+
+    def close(self):
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one model component, gathered from one file or a folder of shards."""
+
+    path: Path
+    layout: str
+    files: list[SafetensorsFile]
+    config: dict | None = None
+    names: dict[str, SafetensorsFile] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for f in self.files:
+            for name in f.entries:
+                if name in self.names:
+                    raise CheckpointError(f"{f.path}: tensor {name!r} is also in {self.names[name].path}.")
+                self.names[name] = f
+
+    @property
+    def metadata(self) -> dict:
+        return {k: v for f in self.files for k, v in f.metadata.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.names[name].entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.names[name].entries[name][0]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.names[name].read(name)
+
+    def release(self, name: str):
+        self.names[name].release(name)
+
+    def close(self):
+        for f in self.files:
+            f.close()
+
+
+def open_checkpoint(path: str | Path, component: str = "transformer") -> Checkpoint:
+    """Find the safetensors files of `component` at `path`: a file, a diffusers folder or a pipeline folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder.")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{path}: {suffix} files are Python pickles, which can run code when loaded; they are never "
+                "loaded here. Use the .safetensors release of this model."
+            )
+        if suffix == ".gguf":
+            raise CheckpointError(f"{path}: GGUF files are not supported; use the bf16 or fp8 .safetensors file.")
+        if path.name.endswith(".safetensors.index.json"):
+            return open_checkpoint(path.parent, component)
+        return Checkpoint(path, "single file", [SafetensorsFile(path)])
+    if (path / "model_index.json").is_file() or (not (path / "config.json").exists() and (path / component).is_dir()):
+        sub = path / component
+        if not sub.is_dir():
+            raise CheckpointError(f"{path}: this diffusers pipeline folder has no {component}/ subfolder.")
+        ckpt = open_checkpoint(sub, component)
+        ckpt.path, ckpt.layout = path, "diffusers pipeline folder"
+        return ckpt
+    config = None
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e}).") from None
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        index = next((i for i in indexes if i.name.startswith("diffusion_pytorch_model")), indexes[0])
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}). Re-download it.") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: {len(missing)} of the {len(shards)} shards listed in {index.name} are missing: "
+                f"{', '.join(missing)}. Download them into this folder."
+            )
+        ckpt = Checkpoint(path, "diffusers folder", [SafetensorsFile(path / s) for s in shards], config)
+        absent = [n for n, s in weight_map.items() if n not in ckpt.names or ckpt.names[n].path.name != s]
+        if absent:
+            raise CheckpointError(f"{index}: lists tensors its shards do not hold, first: {', '.join(absent[:5])}.")
+        return ckpt
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) > 1 and all(SHARD.search(f.name) for f in files):
+        raise CheckpointError(
+            f"{path}: holds {len(files)} weight shards but no *.safetensors.index.json, which says what each "
+            "shard holds. Download the index file from the same repository into this folder."
+        )
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        pickles = [f.name for f in path.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
+        hint = f" (pickle files {', '.join(pickles)} are never loaded)" if pickles else ""
+        raise CheckpointError(
+            f"{path}: expected one .safetensors file or shards with an index, found {found}{hint}. "
+            "Point at a single file or at a diffusers model folder."
+        )
+    return Checkpoint(path, "diffusers folder", [SafetensorsFile(files[0])], config)
+
+
+# What a file is when it is not what was asked for: the first marker found among its tensor names wins.
+LOOKALIKES = (
+    ("double_blocks.", "a Flux transformer"),
+    ("single_transformer_blocks.", "a Flux transformer (diffusers layout)"),
+    ("joint_blocks.", "a Stable Diffusion 3 transformer"),
+    ("conditioner.embedders.", "a Stable Diffusion XL checkpoint"),
+    ("input_blocks.", "a Stable Diffusion 1.x/2.x UNet checkpoint"),
+    ("transformer_blocks.0.img_mod.", "a Qwen-Image transformer"),
+    ("head.modulation", "a Wan video transformer"),
+    ("layers.0.adaLN_modulation.1.", "a Lumina 2 transformer"),
+    ("control_layers.", "a Z-Image ControlNet patch"),
+    ("lora_", "a LoRA"),
+    ("visual.blocks.", "a Qwen2.5-VL text encoder"),
+    ("layers.0.self_attn.q_norm.", "a Qwen3 text encoder"),
+    ("layers.0.self_attn.q_proj.", "a language-model text encoder"),
+    ("text_model.encoder.layers.", "a CLIP text encoder"),
+    ("encoder.block.0.layer.0.SelfAttention.", "a T5 text encoder"),
+    ("decoder.up", "a VAE (autoencoder)"),
+    ("down_blocks.0.resnets.", "a diffusers UNet"),
+)
+
+
+def looks_like(names) -> str:
+    """Say what a set of tensor names looks like, for error messages."""
+    for marker, what in LOOKALIKES:
+        if any(marker in n for n in names):
+            return what
+    return "an unknown model"
+
+
+# ---- the Z-Image transformer layouts ----
+
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
+TRANSFORMER_MARKER = "layers.0.adaLN_modulation.0.weight"
+DIFFUSERS_RENAMES = (
+    (re.compile(r"^all_x_embedder\.(\d+)-1\."), "x_embedder."),
+    (re.compile(r"^all_final_layer\.(\d+)-1\."), "final_layer."),
+    (re.compile(r"\.attention\.to_out\.0\."), ".attention.out."),
+    (re.compile(r"\.attention\.norm_q\."), ".attention.q_norm."),
+    (re.compile(r"\.attention\.norm_k\."), ".attention.k_norm."),
+)
+QKV = re.compile(r"\.attention\.to_([qkv])\.weight$")
+IGNORED = {"norm_final.weight"}  # a Lumina 2 leftover some single files carry; not a Z-Image parameter
+QUANT_AUX = re.compile(r"(\.(weight_scale|scale_weight|input_scale|scale_input|comfy_quant)|(^|\.)scaled_fp8)$")
+
+
+def transformer_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str]:
+    """Map our parameter names to the checkpoint's tensor names (q/k/v sources fused in that order)."""
+    names = [n for n in ckpt.names if not QUANT_AUX.search(n)]
+    prefix = next((p for p in TRANSFORMER_PREFIXES if p + TRANSFORMER_MARKER in ckpt.names), None)
+    if prefix is None:
+        raise CheckpointError(
+            f"{ckpt.path}: not a Z-Image transformer: it looks like {looks_like(names)} "
+            f"(no {TRANSFORMER_MARKER} among its {len(names)} tensors)."
+        )
+    sources: dict[str, list[str]] = {}
+    for name in names:
+        if not name.startswith(prefix) or name[len(prefix) :] in IGNORED:
+            continue
+        ours = name[len(prefix) :]
+        for pattern, repl in DIFFUSERS_RENAMES:
+            ours = pattern.sub(repl, ours)
+        qkv = QKV.search(ours)
+        if qkv:
+            ours = ours[: qkv.start()] + ".attention.qkv.weight"
+        sources.setdefault(ours, []).append(name)
+    for ours, srcs in sources.items():  # q, k, v rows in that order whatever order the files list them in
+        srcs.sort(key=lambda n: "qkv".find(QKV.search(n).group(1)) if QKV.search(n) else 0)
+    return sources, prefix
+
+
+def transformer_config(ckpt: Checkpoint, sources: dict[str, list[str]], config: dict | None) -> TransformerConfig:
+    """The architecture from a diffusers config.json when there is one, otherwise from the tensors' shapes."""
+    config = config if config is not None else ckpt.config
+    where = ckpt.path / "config.json" if config is ckpt.config else "the given config"
+    if config is not None:
+        kind = config.get("_class_name", "ZImageTransformer2DModel")
+        if kind != "ZImageTransformer2DModel":
+            raise CheckpointError(f"{where}: describes a {kind}, not a ZImageTransformer2DModel.")
+        unsupported = {
+            k: config[k]
+            for k, ok in (("all_f_patch_size", [1]), ("qk_norm", True), ("n_kv_heads", config.get("n_heads")))
+            if k in config and config[k] != ok
+        }
+        if len(config.get("all_patch_size", [2])) != 1 or unsupported:
+            raise CheckpointError(f"{where}: unsupported transformer settings {unsupported or config}.")
+        keys = {f for f in TransformerConfig.__dataclass_fields__ if f in config and f != "patch_size"}
+        values = {k: tuple(config[k]) if isinstance(config[k], list) else config[k] for k in keys}
+        return TransformerConfig(patch_size=config.get("all_patch_size", [2])[0], **values)
+
+    def shape(name):
+        return ckpt.shape(sources[name][0]) if name in sources else None
+
+    dim, cap_feat_dim = shape("cap_embedder.1.weight")
+    head_dim = shape("layers.0.attention.q_norm.weight")[0]
+    patch = re.search(r"all_x_embedder\.(\d+)-", sources.get("x_embedder.weight", [""])[0])
+    patch = int(patch.group(1)) if patch else 2
+    if head_dim != 128:
+        raise CheckpointError(
+            f"{ckpt.path}: head size {head_dim} is not the released 128, so its RoPE split cannot be inferred "
+            "from the tensors; pass the model's diffusers config.json."
+        )
+    siglip = shape("siglip_embedder.1.weight")
+    count = {
+        block: len({n.split(".")[1] for n in sources if n.startswith(block + ".")})
+        for block in ("layers", "noise_refiner")
+    }
+    return TransformerConfig(
+        in_channels=shape("x_embedder.weight")[1] // patch**2,
+        dim=dim,
+        n_layers=count["layers"],
+        n_refiner_layers=count["noise_refiner"],
+        n_heads=dim // head_dim,
+        cap_feat_dim=cap_feat_dim,
+        siglip_feat_dim=siglip[1] if siglip else None,
+        patch_size=patch,
+    )
+
+
+def transformer_variant(ckpt: Checkpoint, sources) -> tuple[str, str]:
+    """(variant, why): Omni/Edit by its SigLIP weights; Turbo and Base share every key, so by name or metadata."""
+    if "siglip_embedder.1.weight" in sources:
+        return "omni", "has SigLIP reference-image weights"
+    text = " ".join([str(ckpt.path), json.dumps(ckpt.metadata), json.dumps(ckpt.config or {})]).lower()
+    for variant in ("turbo", "base"):
+        if variant in text:
+            return variant, f"'{variant}' in its name or metadata"
+    return "turbo", "assumed: Turbo and Base have the same tensors and nothing names either"
+
+
+# ---- building a model from a checkpoint ----
+
+
+def quant_scales(ckpt: Checkpoint) -> dict[str, str]:
+    """weight name -> its scale tensor's name, after checking every quantized layer's format is one we run."""
+    layers = {}
+    meta = ckpt.metadata.get("_quantization_metadata")
+    if meta:
+        try:
+            layers = dict(json.loads(meta)["layers"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt.path}: unreadable _quantization_metadata ({e!r}).") from None
+    for name in ckpt.names:
+        if name.endswith(".comfy_quant"):
+            conf = bytes(ckpt.read(name).tolist()).decode("utf-8", "replace")
+            ckpt.release(name)
+            try:
+                layers[name[: -len(".comfy_quant")]] = json.loads(conf)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{ckpt.path}: {name} is not valid JSON: {conf!r}.") from None
+    for layer, conf in layers.items():
+        fmt = conf.get("format") if isinstance(conf, dict) else conf
+        if fmt not in ("float8_e4m3fn", "float8_e5m2"):
+            raise CheckpointError(
+                f"{ckpt.path}: layer {layer} is quantized as {fmt!r}; only fp8 (float8_e4m3fn, float8_e5m2) "
+                "checkpoints are supported. Use the bf16 or an fp8 file."
+            )
+    scales = {}
+    for name in ckpt.names:
+        for suffix in (".weight_scale", ".scale_weight"):
+            if name.endswith(suffix):
+                scales[name[: -len(suffix)] + ".weight"] = name
+    return scales
+
+
+def dtype_summary(ckpt: Checkpoint) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in ckpt.names:
+        key = str(ckpt.dtype(name)).removeprefix("torch.")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def quantization(ckpt: Checkpoint) -> str:
+    fp8 = any(ckpt.dtype(n) in FP8 for n in ckpt.names)
+    if "_quantization_metadata" in ckpt.metadata or any(n.endswith(".comfy_quant") for n in ckpt.names):
+        return "fp8, ComfyUI quantized (weight_scale + comfy_quant)"
+    if any(n.endswith("scaled_fp8") for n in ckpt.names):
+        return "fp8, scaled (scaled_fp8 + scale_weight)"
+    return "fp8" if fp8 else "none"
+
+
+def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtype=None, expected_as=""):
+    """Replace every meta parameter by real memory on `device` holding the checkpoint's values.
+
+    Linear weights stored in fp8 stay fp8 (with their scale); with `weight_dtype` fp8, other Linear weights are
+    cast to it; everything else becomes `dtype`. Sources listed together are stacked along dim 0.
+    """
+    scales = quant_scales(ckpt)
+    expected = dict(model.named_parameters())
+    missing = [n for n in expected if n not in sources]
+    unexpected = [src for n, srcs in sources.items() if n not in expected for src in srcs]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing (first: {', '.join(missing[:5])})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:5])})"] if unexpected else []
+        raise CheckpointError(f"{ckpt.path}: tensors do not match {expected_as}: {'; '.join(parts)}.")
+    wrong = []
+    for name, p in expected.items():
+        shapes = [ckpt.shape(s) for s in sources[name]]
+        got = (sum(s[0] for s in shapes), *shapes[0][1:]) if all(s[1:] == shapes[0][1:] for s in shapes) else None
+        if got != tuple(p.shape):
+            wrong.append(f"{' + '.join(sources[name])} is {' + '.join(map(str, shapes))}, expected {tuple(p.shape)}")
+    if wrong:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(wrong)} tensors have the wrong shape for {expected_as}, first: {'; '.join(wrong[:3])}."
+        )
+
+    modules = dict(model.named_modules())
+    for name, p in expected.items():
+        owner, leaf = name.rpartition(".")[::2]
+        module = modules[owner]
+        srcs = sources[name]
+        is_linear_weight = isinstance(module, Linear) and leaf == "weight"
+        src_dtypes = {ckpt.dtype(s) for s in srcs}
+        if is_linear_weight and len(src_dtypes) == 1 and src_dtypes <= set(FP8):
+            held = src_dtypes.pop()
+        elif is_linear_weight and weight_dtype in FP8:
+            held = weight_dtype
+        else:
+            held = dtype
+        out = torch.empty(p.shape, dtype=held, device=device)
+        row_scales, row = [], 0
+        for src in srcs:
+            t = ckpt.read(src)
+            scale = scales.get(src)
+            if scale is not None:
+                scale = ckpt.read(scale).float().reshape(-1, *[1] * (t.dim() - 1))
+            if held in FP8 and t.dtype in FP8:
+                out[row : row + len(t)].copy_(t)
+                row_scales.append(torch.ones(len(t)) if scale is None else scale.flatten().expand(len(t)))
+            else:
+                out[row : row + len(t)].copy_(t if scale is None else t.float() * scale)
+            ckpt.release(src)
+            row += len(t)
+        module._parameters[leaf] = nn.Parameter(out, requires_grad=False)
+        if any(scales.get(src) for src in srcs) and row_scales:
+            module.weight_scale = torch.cat(row_scales)[:, None].to(device)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.compute_dtype = dtype
+
+
+@dataclass
+class TransformerInfo:
+    """What `load_transformer` found: shown by `inspect` and kept on the model as `model.info`."""
+
+    path: str
+    layout: str
+    variant: str
+    variant_reason: str
+    prefix: str
+    naming: str
+    file_dtypes: dict
+    quantization: str
+    config: dict
+    parameters: int
+    held_bytes: int
+    device: str
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_transformer(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    weight_dtype: torch.dtype | None = None,
+    config: dict | None = None,
+) -> ZImageTransformer:
+    """Load a Z-Image transformer from any released layout; `dtype` is the compute dtype.
+
+    `weight_dtype=torch.float8_e4m3fn` holds the Linear weights of a bf16/fp32 file in fp8 (as ComfyUI's
+    fp8 weight option does); fp8 files are always held in fp8. `config` overrides the folder's config.json.
+    """
+    ckpt = open_checkpoint(path, "transformer")
+    try:
+        sources, prefix = transformer_sources(ckpt)
+        cfg = transformer_config(ckpt, sources, config)
+        with torch.device("meta"):
+            model = ZImageTransformer(cfg).to(dtype)
+        source = "config.json" if (config or ckpt.config) is not None else "inferred from the tensors"
+        described = f"a Z-Image transformer with dim {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers ({source})"
+        fill(model, ckpt, sources, torch.device(device), dtype, weight_dtype, described)
+        variant, reason = transformer_variant(ckpt, sources)
+        diffusers_named = any(s.startswith(prefix + "all_x_embedder.") for s in sources.get("x_embedder.weight", []))
+        model.info = TransformerInfo(
+            path=str(ckpt.path),
+            layout=ckpt.layout,
+            variant=variant,
+            variant_reason=reason,
+            prefix=prefix,
+            naming="diffusers" if diffusers_named else "ComfyUI",
+            file_dtypes=dtype_summary(ckpt),
+            quantization=quantization(ckpt),
+            config=asdict(cfg),
+            parameters=sum(p.numel() for p in model.parameters()),
+            held_bytes=sum(t.nbytes for t in [*model.parameters(), *model.buffers()]),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+        )
+    finally:
+        ckpt.close()
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,309 @@
+"""The Z-Image S3-DiT: one stream of image and caption tokens through modulated transformer blocks.
+
+Numerically this is the official model (Tongyi-MAI/Z-Image `src/zimage/transformer.py`, which diffusers'
+`ZImageTransformer2DModel` matches bit for bit), written for speed and memory:
+- the batch is a tensor, not a list: images in one call share a size, captions may differ in length;
+- q/k/v are one fused GEMM, RoPE is real-valued (cos/sin of the same fp32 angles), attention is one function;
+- position ids, RoPE angles and masks depend only on shapes, so they are built once per shape and cached;
+- with bf16/fp16 weights the residual stream, norms and RoPE stay in fp32 and only GEMMs and attention run in
+  the low-precision dtype, which keeps bf16 closer to the fp32 model than the references are;
+- a Linear may hold its weight in fp8 (with a scale) and dequantize it per call, so fp8 files are held once.
+
+Module names follow ComfyUI's single-file layout (`attention.qkv`, `x_embedder`, `final_layer`); `checkpoint.py`
+maps the diffusers layout onto them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEQ_MULTIPLE = 32  # every item's image and caption sequences are padded to a multiple of this with pad tokens
+ADALN_DIM = 256  # width of the timestep conditioning vector
+T_EMBED_MID = 1024  # hidden width of the timestep MLP
+FREQ_EMBED_DIM = 256  # sinusoidal timestep features
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture hyper-parameters; defaults are the released 6B model (diffusers' `transformer/config.json`)."""
+
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    cap_feat_dim: int = 2560
+    siglip_feat_dim: int | None = None  # set only for Omni/Edit models
+    patch_size: int = 2
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+    axes_lens: tuple[int, ...] = (1536, 512, 512)
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or sum(self.axes_dims) != self.dim // self.n_heads:
+            raise ValueError(
+                f"inconsistent transformer config: dim {self.dim} / {self.n_heads} heads must equal "
+                f"sum(axes_dims) = {sum(self.axes_dims)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.dim / 3 * 8)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that computes in `compute_dtype` whatever dtype it holds its weight in.
+
+    fp8 weights stay fp8 in memory and are dequantized (times the per-row `weight_scale`, when the file had one)
+    for each call, as ComfyUI does, so an fp8 checkpoint is never held twice.
+    """
+
+    compute_dtype: torch.dtype | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or self.weight.dtype
+        w = self.weight.to(dtype)
+        if self.weight_scale is not None:
+            w = w * self.weight_scale.to(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), w, b)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (the official model computes in the input dtype; equal in fp32)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional attention over (B, S, heads, head_dim); `mask` (B, S) marks the keys that exist.
+
+    The only attention call in the model: other kernels plug in here.
+    """
+    if mask is not None:
+        mask = mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by the angles in `rope` = (cos, sin) stacked last."""
+    cos, sin = rope.unbind(-1)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, eps: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.out = Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(dim // n_heads, eps)
+        self.k_norm = RMSNorm(dim // n_heads, eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
+        q = apply_rope(self.q_norm(q), rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k), rope).to(v.dtype)
+        return self.out(attention(q, k, v, mask))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Attention and SwiGLU with "sandwich" RMSNorms; modulated blocks scale the inputs and tanh-gate the outputs."""
+
+    def __init__(self, cfg: TransformerConfig, modulated: bool):
+        super().__init__()
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        if modulated:
+            self.adaLN_modulation = nn.Sequential(Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, c=None) -> torch.Tensor:
+        """x: fp32 residual stream (B, S, dim); c: conditioning (B, 1 or S, 256) for modulated blocks."""
+        if c is None:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).float().chunk(4, dim=-1)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
+        x = x + gate_msa.tanh() * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(Linear(FREQ_EMBED_DIM, T_EMBED_MID), nn.SiLU(), Linear(T_EMBED_MID, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = FREQ_EMBED_DIM // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.linear = Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(min(dim, ADALN_DIM), dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale = 1 + self.adaLN_modulation(c).float()
+        return self.linear(F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, ...], device: torch.device):
+    """RoPE angles and key masks for one batch shape: image tokens of an (h, w) grid, captions of `cap_lens`.
+
+    Per item: caption ids are (1 .. Lpad, 0, 0) (pad tokens continue the count), image ids (Lpad + 1, row, col),
+    image pad tokens (0, 0, 0). Angles are built as the official model builds its tables (float64 products,
+    rounded to fp32, then cos/sin in fp32), on the CPU so devices without float64 work too.
+    """
+    h, w = grid
+    n = h * w
+    n_pad = -n % SEQ_MULTIPLE
+    padded = [length + (-length % SEQ_MULTIPLE) for length in cap_lens]
+    l_max = max(padded)
+    bsz = len(cap_lens)
+
+    cap_ids = torch.zeros(l_max, 3, dtype=torch.int64)
+    cap_ids[:, 0] = torch.arange(1, l_max + 1)
+    img_ids = torch.zeros(bsz, n + n_pad, 3, dtype=torch.int64)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img_ids[:, :n, 0] = torch.tensor(padded)[:, None] + 1
+    img_ids[:, :n, 1] = rows.flatten()
+    img_ids[:, :n, 2] = cols.flatten()
+
+    for axis, (limit, largest) in enumerate(zip(cfg.axes_lens, (l_max + 1, h - 1, w - 1))):
+        if largest >= limit:
+            what = ("caption is", "image is", "image is")[axis]
+            raise ValueError(
+                f"{what} too long for this model's RoPE table: position {largest} on axis {axis} "
+                f"(limit {limit - 1}; image {h} x {w} tokens, caption {max(cap_lens)} tokens)"
+            )
+
+    def angles(ids: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for axis, d in enumerate(cfg.axes_dims):
+            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            parts.append((ids[..., axis : axis + 1].double() * inv).float())
+        a = torch.cat(parts, dim=-1)
+        return torch.stack((a.cos(), a.sin()), dim=-1).unsqueeze(-3).to(device)  # (..., S, 1, head_dim/2, 2)
+
+    cap_keep = torch.arange(l_max)[None] < torch.tensor(padded)[:, None]
+    if cap_keep.all():
+        cap_mask = unified_mask = None
+    else:
+        cap_mask = cap_keep.to(device)
+        unified_mask = torch.cat([torch.ones(bsz, n + n_pad, dtype=torch.bool), cap_keep], dim=1).to(device)
+    cap_rope = angles(cap_ids).expand(bsz, -1, -1, -1, -1)
+    img_rope = angles(img_ids)
+    return img_rope, cap_rope, torch.cat([img_rope, cap_rope], dim=1), cap_mask, unified_mask
+
+
+class ZImageTransformer(nn.Module):
+    """Z-Image transformer (Turbo, Base and the Omni/Edit weights)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.x_embedder = Linear(p * p * cfg.in_channels, cfg.dim)
+        self.t_embedder = TimestepEmbedder(min(cfg.dim, ADALN_DIM))
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), Linear(cfg.cap_feat_dim, cfg.dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.noise_refiner = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg.dim, p * p * cfg.in_channels)
+        if cfg.siglip_feat_dim is not None:  # Omni/Edit: reference-image features from SigLIP2
+            self.siglip_embedder = nn.Sequential(
+                RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps), Linear(cfg.siglip_feat_dim, cfg.dim)
+            )
+            self.siglip_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
+            self.siglip_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None
+    ) -> torch.Tensor:
+        """Predict the flow velocity `x0 - noise` (the official model's raw output).
+
+        x: latents (B, C, H, W), H and W multiples of the patch size; t: model time (B,), 1 - sigma;
+        cap_feats: text features (B, L, cap_feat_dim) of which item i uses the first `cap_lens[i]` rows.
+        Items of different image sizes go in separate calls (the result equals a mixed-size reference batch).
+        """
+        cfg, p = self.cfg, self.cfg.patch_size
+        bsz, c, hgt, wid = x.shape
+        if hgt % p or wid % p:
+            raise ValueError(f"latent size {hgt} x {wid} is not a multiple of the patch size {p}")
+        cap_lens = [cap_feats.shape[1]] * bsz if cap_lens is None else [int(n) for n in cap_lens]
+        if len(cap_lens) != bsz or min(cap_lens) < 1 or max(cap_lens) > cap_feats.shape[1]:
+            raise ValueError(f"cap_lens {cap_lens} do not fit caption features of shape {tuple(cap_feats.shape)}")
+        h, w = hgt // p, wid // p
+        img_rope, cap_rope, rope, cap_mask, mask = _layout(cfg, (h, w), tuple(cap_lens), x.device)
+        n, n_all, l_all = h * w, img_rope.shape[1], cap_rope.shape[1]
+
+        cond = self.t_embedder(t * cfg.t_scale)[:, None]
+
+        patches = x.view(bsz, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, n, p * p * c)
+        img = self.x_embedder(patches).float()
+        img = torch.cat([img, self.x_pad_token.float().expand(bsz, n_all - n, -1)], dim=1)
+        for block in self.noise_refiner:
+            img = block(img, img_rope, None, cond)
+
+        cap = F.pad(cap_feats[:, :l_all], (0, 0, 0, max(0, l_all - cap_feats.shape[1])))
+        cap = self.cap_embedder(cap).float()
+        real = (
+            torch.arange(l_all, device=x.device)[None, :, None] < torch.tensor(cap_lens, device=x.device)[:, None, None]
+        )
+        cap = torch.where(real, cap, self.cap_pad_token.float())
+        for block in self.context_refiner:
+            cap = block(cap, cap_rope, cap_mask)
+
+        seq = torch.cat([img, cap], dim=1)
+        for block in self.layers:
+            seq = block(seq, rope, mask, cond)
+
+        out = self.final_layer(seq[:, :n], cond)
+        return out.view(bsz, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(bsz, c, hgt, wid).to(x.dtype)
