@@ -20,8 +20,9 @@ REAL = dict(
     n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
     axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
 )  # fmt: skip
-# diffusers' own tiny test config (tests/models/transformers/test_models_transformer_z_image.py), n_kv_heads = n_heads.
-TINY = dict(REAL, dim=16, n_layers=1, n_refiner_layers=1, n_heads=1, n_kv_heads=1, cap_feat_dim=16,
+# diffusers' own tiny test config (tests/models/transformers/test_models_transformer_z_image.py), n_kv_heads=2
+# included: diffusers ignores it, and so do we.
+TINY = dict(REAL, dim=16, n_layers=1, n_refiner_layers=1, n_heads=1, n_kv_heads=2, cap_feat_dim=16,
             axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])  # fmt: skip
 # Small but with the real head size and RoPE (loads from a single file without a config).
 SMALL = dict(REAL, dim=256, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=64)

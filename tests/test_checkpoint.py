@@ -58,6 +58,7 @@ def test_test_helper_comfy_layout_is_what_diffusers_converts_back(sd):
 def test_diffusers_folder(small_ref, tmp_path, shard_size):
     model = load_transformer(write_diffusers_folder(tmp_path / "t", small_ref, shard_size), dtype=torch.float32)
     assert model.info.layout == "diffusers folder" and model.info.naming == "diffusers"
+    assert model.info.variant == "turbo" and model.info.variant_reason.startswith("assumed")
     assert_matches(model, small_ref)
 
 
@@ -208,6 +209,8 @@ def test_missing_unexpected_and_misshapen_tensors(sd, tmp_path):
     expect_error(
         write_file(tmp_path / "a.safetensors", missing), "a.safetensors", "missing", "layers.1.feed_forward.w1.weight"
     )
+    no_norms = {k: v for k, v in comfy.items() if "q_norm" not in k}
+    expect_error(write_file(tmp_path / "n.safetensors", no_norms), "n.safetensors", "missing layers.0.attention.q_norm")
     extra = dict(comfy, **{"layers.0.attention.extra.weight": torch.zeros(2)})
     expect_error(
         write_file(tmp_path / "b.safetensors", extra), "b.safetensors", "unexpected", "layers.0.attention.extra.weight"

@@ -97,6 +97,10 @@ def test_inspect_fails_clearly_on_bad_input(tmp_path, small_ref):
     )
     comfy = to_comfy(small_ref.state_dict())
     cases["missing keys"] = (write_file(tmp_path / "partial.safetensors", dict(list(comfy.items())[:-3])), "missing")
+    cases["unexpected keys"] = (
+        write_file(tmp_path / "extra.safetensors", dict(comfy, extra_head=torch.zeros(3))),
+        "unexpected",
+    )
     cases["wrong shape"] = (
         write_file(tmp_path / "shape.safetensors", dict(comfy, x_pad_token=torch.zeros(1, 8))),
         "wrong shape",

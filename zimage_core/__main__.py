@@ -26,6 +26,8 @@ def inspect(args) -> int:
     if args.config:
         with open(args.config) as f:
             config = json.load(f)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build or machine has no CUDA device")
     start = time.perf_counter()
     model = load_transformer(
         args.path, args.device, DTYPES[args.dtype], WEIGHT_DTYPES.get(args.weight_dtype), config=config
@@ -67,7 +69,8 @@ def smoke(args) -> int:
         out = model(latents, torch.tensor([0.5], device=args.device), torch.randn(1, 12, 64, device=args.device))
     print(
         f"ok: random {sum(p.numel() for p in model.parameters()):,}-parameter Z-Image transformer, "
-        f"{args.size}x{args.size} latent forward on {args.device} in {time.perf_counter() - start:.2f} s, "
+        f"{args.size}x{args.size} image ({tuple(latents.shape[2:])} latent) forward on {args.device} in "
+        f"{time.perf_counter() - start:.2f} s, "
         f"output {tuple(out.shape)}, finite: {bool(torch.isfinite(out).all())}"
     )
     return 0

@@ -99,7 +99,10 @@ class SafetensorsFile:
 
     def close(self):
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # a tensor still views the map (an error is on its way up): let GC unmap it
+                pass
             self._map = None
 
 
@@ -286,10 +289,9 @@ def transformer_config(ckpt: Checkpoint, sources: dict[str, list[str]], config: 
         kind = config.get("_class_name", "ZImageTransformer2DModel")
         if kind != "ZImageTransformer2DModel":
             raise CheckpointError(f"{where}: describes a {kind}, not a ZImageTransformer2DModel.")
+        # n_kv_heads is ignored, as diffusers ignores it: k and v always have n_heads heads in released weights
         unsupported = {
-            k: config[k]
-            for k, ok in (("all_f_patch_size", [1]), ("qk_norm", True), ("n_kv_heads", config.get("n_heads")))
-            if k in config and config[k] != ok
+            k: config[k] for k, ok in (("all_f_patch_size", [1]), ("qk_norm", True)) if config.get(k, ok) != ok
         }
         if len(config.get("all_patch_size", [2])) != 1 or unsupported:
             raise CheckpointError(f"{where}: unsupported transformer settings {unsupported or config}.")
@@ -297,8 +299,12 @@ def transformer_config(ckpt: Checkpoint, sources: dict[str, list[str]], config: 
         values = {k: tuple(config[k]) if isinstance(config[k], list) else config[k] for k in keys}
         return TransformerConfig(patch_size=config.get("all_patch_size", [2])[0], **values)
 
-    def shape(name):
-        return ckpt.shape(sources[name][0]) if name in sources else None
+    def shape(name, required=True):
+        if name not in sources:
+            if required:
+                raise CheckpointError(f"{ckpt.path}: missing {name}, which every Z-Image transformer has.")
+            return None
+        return ckpt.shape(sources[name][0])
 
     dim, cap_feat_dim = shape("cap_embedder.1.weight")
     head_dim = shape("layers.0.attention.q_norm.weight")[0]
@@ -309,7 +315,7 @@ def transformer_config(ckpt: Checkpoint, sources: dict[str, list[str]], config: 
             f"{ckpt.path}: head size {head_dim} is not the released 128, so its RoPE split cannot be inferred "
             "from the tensors; pass the model's diffusers config.json."
         )
-    siglip = shape("siglip_embedder.1.weight")
+    siglip = shape("siglip_embedder.1.weight", required=False)
     count = {
         block: len({n.split(".")[1] for n in sources if n.startswith(block + ".")})
         for block in ("layers", "noise_refiner")
@@ -330,9 +336,10 @@ def transformer_variant(ckpt: Checkpoint, sources) -> tuple[str, str]:
     """(variant, why): Omni/Edit by its SigLIP weights; Turbo and Base share every key, so by name or metadata."""
     if "siglip_embedder.1.weight" in sources:
         return "omni", "has SigLIP reference-image weights"
-    text = " ".join([str(ckpt.path), json.dumps(ckpt.metadata), json.dumps(ckpt.config or {})]).lower()
+    names = [ckpt.path.name, ckpt.path.parent.name if ckpt.path.name == "transformer" else ""]
+    text = " ".join([*names, json.dumps(ckpt.metadata), str((ckpt.config or {}).get("_name_or_path", ""))]).lower()
     for variant in ("turbo", "base"):
-        if variant in text:
+        if re.search(rf"(?<![a-z]){variant}(?![a-z])", text):
             return variant, f"'{variant}' in its name or metadata"
     return "turbo", "assumed: Turbo and Base have the same tensors and nothing names either"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -191,9 +192,20 @@ class FinalLayer(nn.Module):
         return self.linear(F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * scale)
 
 
+class Layout(NamedTuple):
+    """Everything about a batch that depends only on its shape."""
+
+    img_rope: torch.Tensor  # (B, N_pad, 1, head_dim/2, 2) cos and sin of the image tokens' angles
+    cap_rope: torch.Tensor  # (B, L_pad, 1, head_dim/2, 2) the same for caption tokens
+    rope: torch.Tensor  # the unified sequence: image tokens, then caption tokens
+    cap_real: torch.Tensor  # (B, L_pad, 1) True for real caption rows, False where the pad token goes
+    cap_mask: torch.Tensor | None  # (B, L_pad) keys that exist, None when every caption pads to the same length
+    mask: torch.Tensor | None  # (B, N_pad + L_pad) the same for the unified sequence
+
+
 @functools.lru_cache(maxsize=16)
-def _layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, ...], device: torch.device):
-    """RoPE angles and key masks for one batch shape: image tokens of an (h, w) grid, captions of `cap_lens`.
+def layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, ...], device: torch.device) -> Layout:
+    """Position ids, RoPE angles and masks for image tokens of an (h, w) grid and captions of `cap_lens`.
 
     Per item: caption ids are (1 .. Lpad, 0, 0) (pad tokens continue the count), image ids (Lpad + 1, row, col),
     image pad tokens (0, 0, 0). Angles are built as the official model builds its tables (float64 products,
@@ -201,26 +213,22 @@ def _layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, 
     """
     h, w = grid
     n = h * w
-    n_pad = -n % SEQ_MULTIPLE
-    padded = [length + (-length % SEQ_MULTIPLE) for length in cap_lens]
-    l_max = max(padded)
-    bsz = len(cap_lens)
+    padded = torch.tensor([length + (-length % SEQ_MULTIPLE) for length in cap_lens])
+    l_max, bsz = int(padded.max()), len(cap_lens)
+    for axis, (limit, largest) in enumerate(zip(cfg.axes_lens, (l_max + 1, h - 1, w - 1))):
+        if largest >= limit:
+            raise ValueError(
+                f"{'caption' if axis == 0 else 'image'} is too long for this model's RoPE table: position "
+                f"{largest} on axis {axis} (limit {limit - 1}; image {h} x {w} tokens, caption {max(cap_lens)} tokens)"
+            )
 
     cap_ids = torch.zeros(l_max, 3, dtype=torch.int64)
     cap_ids[:, 0] = torch.arange(1, l_max + 1)
-    img_ids = torch.zeros(bsz, n + n_pad, 3, dtype=torch.int64)
+    img_ids = torch.zeros(bsz, n + (-n % SEQ_MULTIPLE), 3, dtype=torch.int64)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids[:, :n, 0] = torch.tensor(padded)[:, None] + 1
+    img_ids[:, :n, 0] = padded[:, None] + 1
     img_ids[:, :n, 1] = rows.flatten()
     img_ids[:, :n, 2] = cols.flatten()
-
-    for axis, (limit, largest) in enumerate(zip(cfg.axes_lens, (l_max + 1, h - 1, w - 1))):
-        if largest >= limit:
-            what = ("caption is", "image is", "image is")[axis]
-            raise ValueError(
-                f"{what} too long for this model's RoPE table: position {largest} on axis {axis} "
-                f"(limit {limit - 1}; image {h} x {w} tokens, caption {max(cap_lens)} tokens)"
-            )
 
     def angles(ids: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -228,17 +236,16 @@ def _layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, 
             inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
             parts.append((ids[..., axis : axis + 1].double() * inv).float())
         a = torch.cat(parts, dim=-1)
-        return torch.stack((a.cos(), a.sin()), dim=-1).unsqueeze(-3).to(device)  # (..., S, 1, head_dim/2, 2)
+        return torch.stack((a.cos(), a.sin()), dim=-1).unsqueeze(-3).to(device)
 
-    cap_keep = torch.arange(l_max)[None] < torch.tensor(padded)[:, None]
-    if cap_keep.all():
-        cap_mask = unified_mask = None
-    else:
-        cap_mask = cap_keep.to(device)
-        unified_mask = torch.cat([torch.ones(bsz, n + n_pad, dtype=torch.bool), cap_keep], dim=1).to(device)
-    cap_rope = angles(cap_ids).expand(bsz, -1, -1, -1, -1)
-    img_rope = angles(img_ids)
-    return img_rope, cap_rope, torch.cat([img_rope, cap_rope], dim=1), cap_mask, unified_mask
+    img_rope, cap_rope = angles(img_ids), angles(cap_ids).expand(bsz, -1, -1, -1, -1)
+    keep = torch.arange(l_max)[None] < padded[:, None]
+    cap_mask = mask = None
+    if not keep.all():
+        cap_mask = keep.to(device)
+        mask = torch.cat([torch.ones(bsz, img_ids.shape[1], dtype=torch.bool), keep], dim=1).to(device)
+    cap_real = (torch.arange(l_max)[None] < torch.tensor(cap_lens)[:, None])[..., None].to(device)
+    return Layout(img_rope, cap_rope, torch.cat([img_rope, cap_rope], dim=1), cap_real, cap_mask, mask)
 
 
 class ZImageTransformer(nn.Module):
@@ -281,29 +288,25 @@ class ZImageTransformer(nn.Module):
         if len(cap_lens) != bsz or min(cap_lens) < 1 or max(cap_lens) > cap_feats.shape[1]:
             raise ValueError(f"cap_lens {cap_lens} do not fit caption features of shape {tuple(cap_feats.shape)}")
         h, w = hgt // p, wid // p
-        img_rope, cap_rope, rope, cap_mask, mask = _layout(cfg, (h, w), tuple(cap_lens), x.device)
-        n, n_all, l_all = h * w, img_rope.shape[1], cap_rope.shape[1]
+        shape = layout(cfg, (h, w), tuple(cap_lens), x.device)
+        n, n_all, l_all = h * w, shape.img_rope.shape[1], shape.cap_rope.shape[1]
 
         cond = self.t_embedder(t * cfg.t_scale)[:, None]
 
-        patches = x.view(bsz, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, n, p * p * c)
+        patches = x.reshape(bsz, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, n, p * p * c)
         img = self.x_embedder(patches).float()
         img = torch.cat([img, self.x_pad_token.float().expand(bsz, n_all - n, -1)], dim=1)
         for block in self.noise_refiner:
-            img = block(img, img_rope, None, cond)
+            img = block(img, shape.img_rope, None, cond)
 
         cap = F.pad(cap_feats[:, :l_all], (0, 0, 0, max(0, l_all - cap_feats.shape[1])))
-        cap = self.cap_embedder(cap).float()
-        real = (
-            torch.arange(l_all, device=x.device)[None, :, None] < torch.tensor(cap_lens, device=x.device)[:, None, None]
-        )
-        cap = torch.where(real, cap, self.cap_pad_token.float())
+        cap = torch.where(shape.cap_real, self.cap_embedder(cap).float(), self.cap_pad_token.float())
         for block in self.context_refiner:
-            cap = block(cap, cap_rope, cap_mask)
+            cap = block(cap, shape.cap_rope, shape.cap_mask)
 
         seq = torch.cat([img, cap], dim=1)
         for block in self.layers:
-            seq = block(seq, rope, mask, cond)
+            seq = block(seq, shape.rope, shape.mask, cond)
 
         out = self.final_layer(seq[:, :n], cond)
         return out.view(bsz, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(bsz, c, hgt, wid).to(x.dtype)
