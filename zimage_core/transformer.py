@@ -49,6 +49,8 @@ class TransformerConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        for name in ("axes_dims", "axes_lens"):  # hashable, so shapes can be cached per config
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.dim % self.n_heads or sum(self.axes_dims) != self.dim // self.n_heads:
             raise ValueError(
                 f"inconsistent transformer config: dim {self.dim} / {self.n_heads} heads must equal "
