@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -276,8 +277,8 @@ def transformer_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str]:
         if qkv:
             ours = ours[: qkv.start()] + ".attention.qkv.weight"
         sources.setdefault(ours, []).append(name)
-    for ours, srcs in sources.items():  # q, k, v rows in that order whatever order the files list them in
-        srcs.sort(key=lambda n: "qkv".find(QKV.search(n).group(1)) if QKV.search(n) else 0)
+    for srcs in sources.values():  # q, k, v rows in that order whatever order the files list them in
+        srcs.sort(key=lambda n: "qkv".find(m.group(1)) if (m := QKV.search(n)) else 0)
     return sources, prefix
 
 
@@ -380,11 +381,7 @@ def quant_scales(ckpt: Checkpoint) -> dict[str, str]:
 
 
 def dtype_summary(ckpt: Checkpoint) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name in ckpt.names:
-        key = str(ckpt.dtype(name)).removeprefix("torch.")
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    return dict(Counter(str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names))
 
 
 def quantization(ckpt: Checkpoint) -> str:
@@ -435,22 +432,21 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         else:
             held = dtype
         out = torch.empty(p.shape, dtype=held, device=device)
-        row_scales, row = [], 0
+        row_scale = torch.ones(p.shape[0], 1) if held in FP8 and any(s in scales for s in srcs) else None
+        row = 0
         for src in srcs:
             t = ckpt.read(src)
-            scale = scales.get(src)
-            if scale is not None:
-                scale = ckpt.read(scale).float().reshape(-1, *[1] * (t.dim() - 1))
-            if held in FP8 and t.dtype in FP8:
-                out[row : row + len(t)].copy_(t)
-                row_scales.append(torch.ones(len(t)) if scale is None else scale.flatten().expand(len(t)))
-            else:
-                out[row : row + len(t)].copy_(t if scale is None else t.float() * scale)
+            scale = ckpt.read(scales[src]).float().reshape(-1, *[1] * (t.dim() - 1)) if src in scales else None
+            if row_scale is not None and scale is not None:  # kept in fp8: the scale is applied per call
+                row_scale[row : row + len(t)] = scale.reshape(-1, 1)
+            elif scale is not None:
+                t = t.float() * scale
+            out[row : row + len(t)].copy_(t)
             ckpt.release(src)
             row += len(t)
         module._parameters[leaf] = nn.Parameter(out, requires_grad=False)
-        if any(scales.get(src) for src in srcs) and row_scales:
-            module.weight_scale = torch.cat(row_scales)[:, None].to(device)
+        if row_scale is not None:
+            module.weight_scale = row_scale.to(device)
     for module in model.modules():
         if isinstance(module, Linear):
             module.compute_dtype = dtype
@@ -496,7 +492,7 @@ def load_transformer(
         cfg = transformer_config(ckpt, sources, config)
         with torch.device("meta"):
             model = ZImageTransformer(cfg).to(dtype)
-        source = "config.json" if (config or ckpt.config) is not None else "inferred from the tensors"
+        source = "inferred from the tensors" if config is None and ckpt.config is None else "config.json"
         described = f"a Z-Image transformer with dim {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers ({source})"
         fill(model, ckpt, sources, torch.device(device), dtype, weight_dtype, described)
         variant, reason = transformer_variant(ckpt, sources)
