@@ -1,11 +1,13 @@
-"""Load seconds and peak RSS / weight bytes for full-size Z-Image transformers in every layout, vs diffusers.
+"""Load seconds and peak RSS / weight bytes for the full-size Z-Image transformer and Qwen3-4B text encoder in
+every layout, against the loaders diffusers uses (diffusers for the transformer, transformers for Qwen3).
 
 The files are sparse (a real header with the released names and shapes, a data region that is a hole), so the
 bench needs no download and almost no disk; reading a hole costs what reading cached pages costs, so seconds are
 a floor for a disk-bound load. Each load runs in a fresh process; the peer runs in the same way on the layouts
 it can load, under a watchdog that stops it before it takes the machine down.
 
-    python bench/load_memory.py [--dir /tmp/zimage-bench] [--no-peer] [--limit-gb 20]
+    python bench/load_memory.py [--dir /tmp/zimage-bench] [--component transformer|text_encoder] [--no-peer]
+                                [--limit-gb 20]
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ if path.endswith(".safetensors"):
     model = ZImageTransformer2DModel.from_single_file(path, config=config, subfolder="transformer", torch_dtype=torch.bfloat16)
 else:
     model = ZImageTransformer2DModel.from_pretrained(path, subfolder=None if path.endswith("transformer") else "transformer", torch_dtype=torch.bfloat16)
+seconds = time.perf_counter() - start
+held = sum(p.nbytes for p in model.parameters())
+print(json.dumps({"load_seconds": seconds, "held_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+PEER_TEXT_ENCODER = """
+import json, resource, sys, time, torch
+from transformers import AutoModel
+start = time.perf_counter()
+model = AutoModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+for p in model.parameters():  # the weights stay memory-mapped until used: read each once, as a first run would
+    p.sum()
 seconds = time.perf_counter() - start
 held = sum(p.nbytes for p in model.parameters())
 print(json.dumps({"load_seconds": seconds, "held_bytes": held, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -68,30 +81,37 @@ def run(cmd: list[str], limit: float) -> dict:
     if proc.returncode:
         return {"error": (err.strip().splitlines() or ["failed"])[-1][:120]}
     text = out.strip()
-    return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])
+    return json.loads(text.splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "zimage-bench")
-    parser.add_argument("--no-peer", action="store_true", help="skip diffusers")
+    parser.add_argument("--no-peer", action="store_true", help="skip the peers")
+    parser.add_argument("--component", choices=["transformer", "text_encoder"], help="bench only this component")
     parser.add_argument("--limit-gb", type=float, default=20.0, help="stop a load whose RSS passes this")
     args = parser.parse_args()
 
-    from helpers import sparse_layouts
+    from helpers import qwen3_sparse_layouts, sparse_layouts
 
     args.dir.mkdir(parents=True, exist_ok=True)
-    layouts = sparse_layouts(args.dir)
     config_dir = str(args.dir / "Z-Image-Turbo")
     limit = args.limit_gb * 1e9
     rows = []
-    for name, path in layouts.items():
-        ours = run([sys.executable, "-m", "zimage_core", "inspect", "--json", str(path)], limit)
+    layouts = [(name, path, "transformer") for name, path in sparse_layouts(args.dir).items()]
+    layouts += [(name, path, "text_encoder") for name, path in qwen3_sparse_layouts(args.dir).items()]
+    for name, path, component in [row for row in layouts if args.component in (None, row[2])]:
+        cmd = [sys.executable, "-m", "zimage_core", "inspect", "--json", "--component", component, str(path)]
+        ours = run(cmd, limit)
         peer = {}
-        if not args.no_peer and "fp8" not in name:  # diffusers has no fp8 single-file loading
+        if args.no_peer or "fp8" in name or (component == "text_encoder" and path.is_file()):
+            pass  # neither peer loads fp8 files; transformers has no single-file loading
+        elif component == "transformer":
             peer = run([sys.executable, "-c", PEER, str(path), config_dir], limit)
+        else:
+            peer = run([sys.executable, "-c", PEER_TEXT_ENCODER, str(path)], limit)
         rows.append((name, ours, peer))
-        print(f"{name}: ours {ours}\n    diffusers {peer}", file=sys.stderr, flush=True)
+        print(f"{name}: ours {ours}\n    peer {peer}", file=sys.stderr, flush=True)
 
     def cell(r: dict) -> str:
         if not r:
@@ -100,7 +120,7 @@ def main():
             return r["error"]
         return f"{r['load_seconds']:6.1f} s  {r['peak_rss_bytes'] / 1e9:5.2f} GB  {r['peak_rss_bytes'] / r['held_bytes']:.2f}x"
 
-    print(f"\n{'layout (full size, sparse)':<52} {'held':>8}  {'ours: load, peak RSS, RSS/held':<32} diffusers 0.42.1")
+    print(f"\n{'layout (full size, sparse)':<52} {'held':>8}  {'ours: load, peak RSS, RSS/held':<32} peer")
     for name, ours, peer in rows:
         held = f"{ours['held_bytes'] / 1e9:.2f} GB" if "held_bytes" in ours else "-"
         budget = ""
@@ -111,7 +131,7 @@ def main():
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "load_memory.json").write_text(
-        json.dumps([{"layout": n, "ours": o, "diffusers": p} for n, o, p in rows], indent=2)
+        json.dumps([{"layout": n, "ours": o, "peer": p} for n, o, p in rows], indent=2)
     )
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from diffusers import ZImageTransformer2DModel
 from safetensors.torch import save_file
+from transformers import Qwen3Config, Qwen3Model
 
 # The released transformer (zimage-spec.md 1.2; HF Tongyi-MAI/Z-Image-Turbo transformer/config.json).
-REAL = dict(
-    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
-    axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
-)  # fmt: skip
+REAL = {
+    "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 2560,
+    "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+}  # fmt: skip
 # diffusers' own tiny test config (tests/models/transformers/test_models_transformer_z_image.py), n_kv_heads=2
 # included: diffusers ignores it, and so do we.
 TINY = dict(REAL, dim=16, n_layers=1, n_refiner_layers=1, n_heads=1, n_kv_heads=2, cap_feat_dim=16,
@@ -86,9 +87,10 @@ def to_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def is_block_linear(name: str) -> bool:
+    """A Linear weight inside a block (the tensors fp8 files quantize): Z-Image's or Qwen3's."""
     return (
         name.endswith(".weight")
-        and any(f".{n}." in name for n in ("attention", "feed_forward"))
+        and any(f".{n}." in name for n in ("attention", "feed_forward", "self_attn", "mlp"))
         and ("norm" not in name)
     )
 
@@ -188,19 +190,10 @@ def sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
     specs = full_size_specs(config, torch.float32)
     paths = {}
     # diffusers pipeline folder as on the hub: fp32 transformer in 3 shards with an index.
-    folder = root / "Z-Image-Turbo" / "transformer"
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(specs)
-    shards = [names[i::3] for i in range(3)]
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"diffusion_pytorch_model-{i:05d}-of-00003.safetensors"
-        write_sparse(folder / file, {n: specs[n] for n in shard})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(torch.Size(s).numel() * d.itemsize for s, d in specs.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    (folder / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel", **config}))
+    folder = write_sharded(
+        root / "Z-Image-Turbo" / "transformer", specs, 3, "diffusion_pytorch_model",
+        {"_class_name": "ZImageTransformer2DModel", **config},
+    )  # fmt: skip
     (root / "Z-Image-Turbo" / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
     paths["diffusers folder (fp32 shards)"] = folder
     paths["diffusers pipeline folder"] = root / "Z-Image-Turbo"
@@ -219,18 +212,24 @@ def sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
     scaled = dict(fp8, scaled_fp8=torch.empty(0, dtype=e4m3))
     scaled.update({n.removesuffix(".weight") + ".scale_weight": scale for n in fp8 if is_block_linear(n)})
     paths["fp8 scaled (scaled_fp8)"] = write_sparse(root / "z_image_turbo_fp8_scaled.safetensors", scaled)
-    quant, layers = dict(fp8), {}
-    conf = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
-    for n in fp8:
-        if is_block_linear(n):
-            layer = n.removesuffix(".weight")
-            quant[layer + ".weight_scale"], quant[layer + ".comfy_quant"] = scale, conf
-            layers[layer] = {"format": "float8_e4m3fn"}
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
     paths["fp8 ComfyUI quantized (comfy_quant)"] = write_sparse(
-        root / "z_image_turbo_fp8_quant.safetensors", quant, meta
+        root / "z_image_turbo_fp8_quant.safetensors", *comfy_quant_specs(bf16)
     )
     return paths
+
+
+def comfy_quant_specs(specs: dict) -> tuple[dict, dict]:
+    """Sparse specs in ComfyUI's quantized fp8 form (block Linear weights in fp8 with `weight_scale` and
+    `comfy_quant`), and the file metadata that goes with them."""
+    quant, layers = {}, {}
+    conf = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    for n, (shape, dtype) in specs.items():
+        quant[n] = (shape, torch.float8_e4m3fn if is_block_linear(n) else dtype)
+        if is_block_linear(n):
+            layer = n.removesuffix(".weight")
+            quant[layer + ".weight_scale"], quant[layer + ".comfy_quant"] = torch.tensor(0.01), conf
+            layers[layer] = {"format": "float8_e4m3fn"}
+    return quant, {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
 
 
 def make_inputs(config: dict, size: tuple[int, int], cap_lens: list[int], seed: int = 0):
@@ -241,3 +240,71 @@ def make_inputs(config: dict, size: tuple[int, int], cap_lens: list[int], seed: 
     captions = [torch.randn(n, config["cap_feat_dim"], generator=g) for n in cap_lens]
     padded = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True)
     return latents, t, padded, captions
+
+
+# ---- Qwen3 text encoders ----
+
+# Qwen3-4B as released (HF Qwen/Qwen3-4B and Z-Image's text_encoder/config.json).
+QWEN3_REAL = {
+    "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0, "max_position_embeddings": 40960, "tie_word_embeddings": True,
+}  # fmt: skip
+# diffusers' pipeline tests (tests/pipelines/z_image/test_z_image.py): Qwen3Config defaults otherwise (RoPE 1e4).
+QWEN3_TINY = {
+    "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 512,
+}  # fmt: skip
+# Small, grouped-query like the real one, with the released RoPE base, epsilon and context: what a single file's
+# inferred config gives, so single files and folders must agree.
+QWEN3_SMALL = dict(QWEN3_REAL, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32)  # fmt: skip
+
+
+def reference_qwen3(config: dict, seed: int = 0) -> Qwen3Model:
+    """transformers' Qwen3Model with seeded random weights (norm weights around 1), fp32."""
+    with torch.device("meta"):
+        model = Qwen3Model(Qwen3Config(**config))
+    model = model.to_empty(device="cpu")
+    model.rotary_emb = type(model.rotary_emb)(config=model.config)
+    return randomize_(model, seed).eval().requires_grad_(False)
+
+
+def qwen3_specs(config: dict = QWEN3_REAL, dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple]:
+    """Every tensor of the released single file (`model.`-prefixed Qwen3 names, no lm_head) as (shape, dtype)."""
+    with torch.device("meta"):
+        model = Qwen3Model(Qwen3Config(**config))
+    return {"model." + n: (tuple(t.shape), dtype) for n, t in model.state_dict().items()}
+
+
+def write_sharded(folder: Path, specs: dict, n_shards: int, stem: str, config: dict) -> Path:
+    """A hub-style folder: `{stem}-0000i-of-0000n.safetensors` shards, index, config.json (specs as `write_sparse`)."""
+    names = list(specs)
+    weight_map = {}
+    for i in range(n_shards):
+        file = f"{stem}-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        write_sparse(folder / file, {n: specs[n] for n in names[i::n_shards]})
+        weight_map.update(dict.fromkeys(names[i::n_shards], file))
+    total = sum(
+        s.nbytes if isinstance(s, torch.Tensor) else torch.Size(s[0]).numel() * s[1].itemsize for s in specs.values()
+    )
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def qwen3_sparse_layouts(root: Path, config: dict = QWEN3_REAL) -> dict[str, Path]:
+    """Full-size sparse Qwen3-4B files: Z-Image's text_encoder/ folder and ComfyUI's single files."""
+    specs = qwen3_specs(config)
+    hub_config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **config}
+    paths = {
+        "text encoder: diffusers folder (bf16 shards)": write_sharded(
+            root / "Z-Image-Turbo" / "text_encoder", specs, 3, "model", hub_config
+        ),
+        "text encoder: ComfyUI qwen_3_4b.safetensors": write_sparse(root / "qwen_3_4b.safetensors", specs),
+    }
+    paths["text encoder: ComfyUI fp8 (comfy_quant)"] = write_sparse(
+        root / "qwen_3_4b_fp8_mixed.safetensors", *comfy_quant_specs(specs)
+    )
+    return paths

@@ -10,17 +10,20 @@ import torch
 from conftest import rel_err
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
 from helpers import (
+    QWEN3_REAL,
     REAL,
     SMALL,
     fp8_forms,
     full_size_specs,
     make_inputs,
+    qwen3_specs,
     reference_forward,
     reference_transformer,
     to_comfy,
     write_diffusers_folder,
     write_file,
     write_pipeline_folder,
+    write_sharded,
     write_sparse,
 )
 
@@ -264,4 +267,18 @@ def test_peak_rss_stays_near_the_weights_held(tmp_path, dtype):
     path = write_sparse(tmp_path / "big.safetensors", {n: (tuple(t.shape), dtype) for n, t in comfy.items()})
     info = inspect_json(path)
     assert info["held_bytes"] > 1.5e9 and info["dtype"] == "bfloat16"
+    assert info["peak_rss_bytes"] <= 1.15 * info["held_bytes"] + 0.5e9
+
+
+@pytest.mark.parametrize("layout", ["single file", "folder"])
+def test_text_encoder_peak_rss_stays_near_the_weights_held(tmp_path, layout):
+    """Real-width Qwen3 (full vocabulary), 5 layers of which 4 are loaded, sparse bf16: the same bound."""
+    config = dict(QWEN3_REAL, num_hidden_layers=5)
+    specs = qwen3_specs(config)
+    if layout == "single file":
+        path = write_sparse(tmp_path / "qwen_3_4b.safetensors", specs)
+    else:
+        path = write_sharded(tmp_path / "text_encoder", specs, 2, "model", {"model_type": "qwen3", **config})
+    info = inspect_json(path)
+    assert info["kind"] == "Qwen3 text encoder" and info["layers_used"] == 4 and info["held_bytes"] > 1.5e9
     assert info["peak_rss_bytes"] <= 1.15 * info["held_bytes"] + 0.5e9

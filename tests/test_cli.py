@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SMALL, fp8_forms, to_comfy, write_diffusers_folder, write_file, write_pipeline_folder
+from helpers import (
+    QWEN3_SMALL,
+    SMALL,
+    fp8_forms,
+    reference_qwen3,
+    to_comfy,
+    write_diffusers_folder,
+    write_file,
+    write_pipeline_folder,
+)
 
 ROOT = Path(__file__).parents[1]
 
@@ -116,6 +125,60 @@ def test_inspect_fails_clearly_on_bad_input(tmp_path, small_ref):
             result.stderr,
         )
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """A small Qwen3: its reference, as ComfyUI's single file, and in a pipeline folder next to a transformer."""
+    ref = reference_qwen3(QWEN3_SMALL, seed=3)
+    root = tmp_path_factory.mktemp("qwen3")
+    single = write_file(
+        root / "qwen_3_4b.safetensors", {"model." + k: v.bfloat16() for k, v in ref.state_dict().items()}
+    )
+    return ref, single, root
+
+
+def test_inspect_text_encoder_single_file(qwen3):
+    ref, single, _ = qwen3
+    result = cli("inspect", "--json", single)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    last = QWEN3_SMALL["num_hidden_layers"] - 1
+    assert (info["kind"], info["layout"], info["prefix"]) == ("Qwen3 text encoder", "single file", "model.")
+    assert {
+        k: info["config"][k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    } == {k: QWEN3_SMALL[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
+    assert info["config"]["num_hidden_layers"] == QWEN3_SMALL["num_hidden_layers"] and info["layers_used"] == last
+    assert info["parameters"] == sum(
+        p.numel() for n, p in ref.named_parameters() if not n.startswith((f"layers.{last}.", "norm."))
+    )
+    assert info["model"].startswith("Qwen3, not Z-Image's Qwen3-4B") and info["tokenizer"] == "bundled Qwen2 BPE"
+    text = cli("inspect", single).stdout
+    for row in ("kind          Qwen3 text encoder", "layers used   2 of 3", "tokenizer ", "peak RSS "):
+        assert row in text
+
+
+def test_inspect_pipeline_folder_reports_each_component(qwen3, small_ref):
+    ref, _, root = qwen3
+    pipeline = write_pipeline_folder(root / "Z-Image-Turbo", small_ref)
+    ref.save_pretrained(pipeline / "text_encoder")
+    result = cli("inspect", "--json", pipeline)
+    assert result.returncode == 0, result.stderr
+    kinds = [json.loads(line)["kind"] for line in result.stdout.splitlines()]
+    assert kinds == ["Z-Image transformer", "Qwen3 text encoder"]
+    only = cli("inspect", "--json", "--component", "text_encoder", pipeline)
+    assert [json.loads(line)["layout"] for line in only.stdout.splitlines()] == ["diffusers pipeline folder"]
+    config = cli("inspect", "--config", pipeline / "text_encoder" / "config.json", pipeline)
+    assert config.returncode == 1 and "--component" in config.stderr
+
+
+def test_inspect_names_a_wrong_text_encoder(tmp_path):
+    path = write_file(tmp_path / "clip_l.safetensors", {"text_model.encoder.layers.0.mlp.fc1.weight": torch.zeros(2)})
+    result = cli("inspect", path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(path) in result.stderr and "Qwen3 text encoder" in result.stderr and "CLIP" in result.stderr
+    result = cli("inspect", "--component", "text_encoder", path)
+    assert result.returncode == 1 and "not a Qwen3 text encoder (Z-Image's is Qwen3-4B" in result.stderr
 
 
 def test_smoke_command():

@@ -61,3 +61,13 @@ def test_shipped_files_never_unpickle_or_exec():
             if isinstance(node, ast.Call):
                 func = ast.unparse(node.func)
                 assert func not in {"eval", "exec", "torch.load", "pickle.load", "pickle.loads"}, f"{path}: {func}"
+
+
+def test_the_tokenizer_ships_with_the_pack():
+    """ComfyUI's single text-encoder file has no tokenizer: the pack's own copy must be in every install form."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "qwen_tokenizer/*" in project["tool"]["setuptools"]["package-data"]["zimage_core"]
+    ignored = (ROOT / ".comfyignore").read_text()
+    assert "qwen_tokenizer" not in ignored and "zimage_core" not in ignored
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (ROOT / "zimage_core" / "qwen_tokenizer" / name).stat().st_size > 1000

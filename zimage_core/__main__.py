@@ -3,59 +3,90 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import re
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_transformer
+from .checkpoint import CheckpointError, components, load_text_encoder, load_transformer
 from .transformer import TransformerConfig, ZImageTransformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
+LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder}
+
+
+def reset_peak_rss():
+    """Start a new peak-RSS measurement (Linux: clear_refs 5 resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def inspect(args) -> int:
+    """Load each component at the path, one at a time, and report it; JSON output is one object per line."""
     config = None
     if args.config:
         with open(args.config) as f:
             config = json.load(f)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch build or machine has no CUDA device")
-    start = time.perf_counter()
-    model = load_transformer(
-        args.path, args.device, DTYPES[args.dtype], WEIGHT_DTYPES.get(args.weight_dtype), config=config
-    )
-    seconds = time.perf_counter() - start
-    info = {"kind": "Z-Image transformer", **model.info.as_dict(), "load_seconds": round(seconds, 3)}
-    info["peak_rss_bytes"] = peak_rss_bytes()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    cfg = info["config"]
+    found = [args.component] if args.component else components(args.path)
+    if config is not None and len(found) > 1:
+        raise ValueError(f"{args.path} holds {' and '.join(found)}: say which one --config is for with --component")
+    for component in found:
+        gc.collect()
+        reset_peak_rss()
+        start = time.perf_counter()
+        model = LOADERS[component](
+            args.path, args.device, DTYPES[args.dtype], WEIGHT_DTYPES.get(args.weight_dtype), config=config
+        )
+        info = {**model.info.as_dict(), "load_seconds": round(time.perf_counter() - start, 3)}
+        info["peak_rss_bytes"] = peak_rss_bytes()
+        del model
+        print(json.dumps(info) if args.json else report(info), flush=True)
+    return 0
+
+
+def report(info: dict) -> str:
     gb = 1e9
+    if info["kind"] == "Z-Image transformer":
+        specific = [
+            ("variant", f"{info['variant']} ({info['variant_reason']})"),
+            ("naming", f"{info['naming']} tensor names"),
+        ]
+    else:
+        layers = f"{info['layers_used']} of {info['config']['num_hidden_layers']} (Z-Image reads the second-to-last)"
+        specific = [("model", info["model"]), ("layers used", layers), ("tokenizer", info["tokenizer"])]
     rows = [
         ("path", info["path"]),
         ("kind", info["kind"]),
-        ("variant", f"{info['variant']} ({info['variant_reason']})"),
-        ("layout", f"{info['layout']}, {info['naming']} tensor names" + (f", prefix '{info['prefix']}'" if info["prefix"] else "")),
+        *specific,
+        ("layout", info["layout"] + (f", prefix '{info['prefix']}'" if info["prefix"] else "")),
         ("file dtypes", ", ".join(f"{k} x{v}" for k, v in info["file_dtypes"].items())),
         ("quantization", info["quantization"]),
-        ("config", ", ".join(f"{k} {v}" for k, v in cfg.items() if v is not None)),
+        ("config", ", ".join(f"{k} {v}" for k, v in info["config"].items() if v is not None)),
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)"),
         ("held", f"{info['held_bytes'] / gb:.2f} GB on {info['device']}, computing in {info['dtype']}"),
-        ("load time", f"{seconds:.1f} s"),
+        ("load time", f"{info['load_seconds']:.1f} s"),
         ("peak RSS", f"{info['peak_rss_bytes'] / gb:.2f} GB ({info['peak_rss_bytes'] / info['held_bytes']:.2f} x held)"),
     ]  # fmt: skip
-    for key, value in rows:
-        print(f"{key:<13} {value}")
-    return 0
+    return "\n".join(f"{key:<13} {value}" for key, value in rows) + "\n"
 
 
 def smoke(args) -> int:
@@ -81,6 +112,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="load a checkpoint and say what it is and whether it works")
     p.add_argument("path", help="a .safetensors file, a diffusers model folder or a diffusers pipeline folder")
+    p.add_argument("--component", choices=LOADERS, help="which model to load (default: every one found)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--device", default="cpu", help="where to load it (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16)")

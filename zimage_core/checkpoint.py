@@ -20,11 +20,15 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .transformer import Linear, TransformerConfig, ZImageTransformer
+
+if TYPE_CHECKING:
+    from .text_encoder import TextEncoder
 
 
 class CheckpointError(Exception):
@@ -221,10 +225,13 @@ LOOKALIKES = (
     ("transformer_blocks.0.img_mod.", "a Qwen-Image transformer"),
     ("head.modulation", "a Wan video transformer"),
     ("layers.0.adaLN_modulation.1.", "a Lumina 2 transformer"),
+    ("layers.0.adaLN_modulation.0.", "a Z-Image transformer"),
     ("control_layers.", "a Z-Image ControlNet patch"),
     ("lora_", "a LoRA"),
     ("visual.blocks.", "a Qwen2.5-VL text encoder"),
+    ("layers.0.pre_feedforward_layernorm.", "a Gemma text encoder"),
     ("layers.0.self_attn.q_norm.", "a Qwen3 text encoder"),
+    ("layers.0.self_attn.q_proj.bias", "a Qwen2/Qwen2.5 language model (text encoder)"),
     ("layers.0.self_attn.q_proj.", "a language-model text encoder"),
     ("text_model.encoder.layers.", "a CLIP text encoder"),
     ("encoder.block.0.layer.0.SelfAttention.", "a T5 text encoder"),
@@ -241,10 +248,32 @@ def looks_like(names) -> str:
     return "an unknown model"
 
 
+# The tensor each component always has (after its prefix).
+TRANSFORMER_MARKER = "layers.0.adaLN_modulation.0.weight"
+TEXT_ENCODER_MARKER = "layers.0.self_attn.q_norm.weight"
+MARKERS = {"transformer": TRANSFORMER_MARKER, "text_encoder": TEXT_ENCODER_MARKER}
+
+
+def components(path: str | Path) -> list[str]:
+    """The Z-Image components at `path`: a pipeline folder's subfolders, or what a file's tensor names show."""
+    path = Path(path).expanduser()
+    if path.is_dir() and ((path / "model_index.json").is_file() or not (path / "config.json").exists()):
+        found = [c for c in ("transformer", "text_encoder") if (path / c).is_dir()]
+        if found:
+            return found
+    ckpt = open_checkpoint(path)
+    ckpt.close()
+    found = [c for c, marker in MARKERS.items() if any(n.endswith(marker) for n in ckpt.names)]
+    if not found:
+        raise CheckpointError(
+            f"{ckpt.path}: not a Z-Image transformer or Qwen3 text encoder; it looks like {looks_like(ckpt.names)}."
+        )
+    return found
+
+
 # ---- the Z-Image transformer layouts ----
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
-TRANSFORMER_MARKER = "layers.0.adaLN_modulation.0.weight"
 DIFFUSERS_RENAMES = (
     (re.compile(r"^all_x_embedder\.(\d+)-1\."), "x_embedder."),
     (re.compile(r"^all_final_layer\.(\d+)-1\."), "final_layer."),
@@ -343,6 +372,92 @@ def transformer_variant(ckpt: Checkpoint, sources) -> tuple[str, str]:
         if re.search(rf"(?<![a-z]){variant}(?![a-z])", text):
             return variant, f"'{variant}' in its name or metadata"
     return "turbo", "assumed: Turbo and Base have the same tensors and nothing names either"
+
+
+# ---- the Qwen3 text encoder layouts ----
+
+# Qwen3-4B as Z-Image ships it (text_encoder/config.json, ComfyUI's Qwen3_4BConfig). What tensor shapes cannot
+# tell (RoPE base, norm epsilon, context) is the same across the Qwen3 family.
+QWEN3_4B = {
+    "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+}  # fmt: skip
+QWEN3_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960}
+QWEN3_CONFIG_KEYS = (*QWEN3_4B, *QWEN3_DEFAULTS, "attention_bias", "hidden_act")
+
+
+def text_encoder_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str, int]:
+    """Map our parameter names to the file's, skipping what is never run: the last layer, the final norm, lm_head.
+
+    Returns (sources, prefix, number of layers in the file). Any prefix is accepted (`model.` in ComfyUI's file,
+    none in a diffusers `Qwen3Model` save, `text_encoders.qwen3_4b.transformer.model.` in all-in-one files).
+    """
+    names = [n for n in ckpt.names if not QUANT_AUX.search(n)]
+    prefixes = sorted({n[: -len(TEXT_ENCODER_MARKER)] for n in names if n.endswith(TEXT_ENCODER_MARKER)})
+    if len(prefixes) == 1:
+        what = looks_like([n for n in names if n.startswith(prefixes[0])])
+    else:
+        what = looks_like(names) if not prefixes else f"{len(prefixes)} language models ({', '.join(prefixes)})"
+    if what != "a Qwen3 text encoder":
+        raise CheckpointError(
+            f"{ckpt.path}: not a Qwen3 text encoder (Z-Image's is Qwen3-4B, e.g. qwen_3_4b.safetensors): "
+            f"it looks like {what}."
+        )
+    prefix = prefixes[0]
+    layers = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", n))}
+    n_layers = max(layers) + 1
+    if n_layers < 2:
+        raise CheckpointError(f"{ckpt.path}: a Qwen3 model with {n_layers} layer; Z-Image reads the second-to-last.")
+    skipped = re.compile(rf"^(layers\.({'|'.join(map(str, range(n_layers - 1, max(layers) + 1)))})\.|norm\.weight$)")
+    sources = {
+        "model." + n[len(prefix) :]: [n] for n in names if n.startswith(prefix) and not skipped.match(n[len(prefix) :])
+    }
+    return sources, prefix, n_layers
+
+
+def text_encoder_config(ckpt: Checkpoint, sources, n_layers: int, config: dict | None) -> dict:
+    """Qwen3Config arguments for the whole language model, from config.json or from the tensors' shapes."""
+    config = config if config is not None else ckpt.config
+    where = ckpt.path / "config.json" if config is ckpt.config else "the given config"
+    if config is not None:
+        if config.get("model_type", "qwen3") != "qwen3":
+            raise CheckpointError(f"{where}: describes a {config['model_type']} model, not Qwen3.")
+        if config.get("rope_scaling") or config.get("use_sliding_window"):
+            raise CheckpointError(f"{where}: RoPE scaling and sliding-window attention are not supported.")
+        out = {k: config[k] for k in QWEN3_CONFIG_KEYS if config.get(k) is not None}
+        out.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
+        if out.get("num_hidden_layers", n_layers) != n_layers:
+            raise CheckpointError(f"{where}: says {out['num_hidden_layers']} layers; the weights hold {n_layers}.")
+        return {k: v for k, v in out.items() if v is not None}
+
+    def shape(name):
+        if name not in sources:
+            raise CheckpointError(f"{ckpt.path}: missing {name.removeprefix('model.')}, which every Qwen3 model has.")
+        return ckpt.shape(sources[name][0])
+
+    vocab, hidden = shape("model.embed_tokens.weight")
+    head_dim = shape("model.layers.0.self_attn.q_norm.weight")[0]
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": shape("model.layers.0.mlp.gate_proj.weight")[0],
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": shape("model.layers.0.self_attn.q_proj.weight")[0] // head_dim,
+        "num_key_value_heads": shape("model.layers.0.self_attn.k_proj.weight")[0] // head_dim,
+        "head_dim": head_dim,
+        **QWEN3_DEFAULTS,
+    }
+
+
+def find_tokenizer(ckpt: Checkpoint) -> Path | None:
+    """A folder layout's own tokenizer: next to the weights, or the pipeline's `tokenizer/` beside them."""
+    if ckpt.layout == "single file":
+        return None
+    here = ckpt.files[0].path.parent
+    for folder in (here, here.parent / "tokenizer"):
+        if (folder / "tokenizer_config.json").is_file():
+            return folder
+    return None
 
 
 # ---- building a model from a checkpoint ----
@@ -453,15 +568,13 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
 
 
 @dataclass
-class TransformerInfo:
-    """What `load_transformer` found: shown by `inspect` and kept on the model as `model.info`."""
+class ModelInfo:
+    """What a loader found: shown by `inspect` and kept on the model as `model.info`."""
 
+    kind: str
     path: str
     layout: str
-    variant: str
-    variant_reason: str
     prefix: str
-    naming: str
     file_dtypes: dict
     quantization: str
     config: dict
@@ -472,6 +585,37 @@ class TransformerInfo:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class TransformerInfo(ModelInfo):
+    variant: str
+    variant_reason: str
+    naming: str
+
+
+@dataclass
+class TextEncoderInfo(ModelInfo):
+    model: str
+    layers_used: int
+    tokenizer: str
+
+
+def describe(kind: str, model: nn.Module, ckpt: Checkpoint, prefix: str, config: dict, device, dtype) -> dict:
+    """The fields every `ModelInfo` has, for a model just filled from `ckpt`."""
+    return {
+        "kind": kind,
+        "path": str(ckpt.path),
+        "layout": ckpt.layout,
+        "prefix": prefix,
+        "file_dtypes": dtype_summary(ckpt),
+        "quantization": quantization(ckpt),
+        "config": config,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "held_bytes": sum(t.nbytes for t in [*model.parameters(), *model.buffers()]),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def load_transformer(
@@ -498,19 +642,53 @@ def load_transformer(
         variant, reason = transformer_variant(ckpt, sources)
         diffusers_named = any(s.startswith(prefix + "all_x_embedder.") for s in sources.get("x_embedder.weight", []))
         model.info = TransformerInfo(
-            path=str(ckpt.path),
-            layout=ckpt.layout,
+            **describe("Z-Image transformer", model, ckpt, prefix, asdict(cfg), device, dtype),
             variant=variant,
             variant_reason=reason,
-            prefix=prefix,
             naming="diffusers" if diffusers_named else "ComfyUI",
-            file_dtypes=dtype_summary(ckpt),
-            quantization=quantization(ckpt),
-            config=asdict(cfg),
-            parameters=sum(p.numel() for p in model.parameters()),
-            held_bytes=sum(t.nbytes for t in [*model.parameters(), *model.buffers()]),
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
+        )
+    finally:
+        ckpt.close()
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    weight_dtype: torch.dtype | None = None,
+    config: dict | None = None,
+    tokenizer: str | Path | None = None,
+) -> TextEncoder:
+    """Load Z-Image's Qwen3 text encoder from a diffusers folder or a single file (bf16 or fp8), ready to encode.
+
+    The tokenizer is `tokenizer` when given, else a diffusers folder's own, else the copy bundled with the pack.
+    Drop the returned model to release its memory: nothing else holds it.
+    """
+    from .text_encoder import BUNDLED_TOKENIZER, Qwen3Config, TextEncoder, load_tokenizer  # transformers: 3 s, here
+
+    ckpt = open_checkpoint(path, "text_encoder")
+    try:
+        sources, prefix, n_layers = text_encoder_sources(ckpt)
+        cfg = text_encoder_config(ckpt, sources, n_layers, config)
+        folder = Path(tokenizer) if tokenizer is not None else find_tokenizer(ckpt)
+        tok = load_tokenizer(folder or BUNDLED_TOKENIZER)
+        used = Qwen3Config(**dict(cfg, num_hidden_layers=n_layers - 1), sliding_window=None, attn_implementation="sdpa")
+        with torch.device("meta"):
+            model = TextEncoder(used, tok)
+        source = "inferred from the tensors" if config is None and ckpt.config is None else "config.json"
+        described = (
+            f"a Qwen3 text encoder with hidden size {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
+            f"{n_layers} layers ({source}; the last layer and the final norm are never loaded)"
+        )
+        fill(model, ckpt, sources, torch.device(device), dtype, weight_dtype, described)
+        model.reset_rope(torch.device(device))
+        differs = [f"{k} {cfg.get(k)} (released {v})" for k, v in QWEN3_4B.items() if cfg.get(k, v) != v]
+        model.info = TextEncoderInfo(
+            **describe("Qwen3 text encoder", model, ckpt, prefix, cfg, device, dtype),
+            model="Qwen3-4B" if not differs else f"Qwen3, not Z-Image's Qwen3-4B: {', '.join(differs)}",
+            layers_used=n_layers - 1,
+            tokenizer=str(folder) if folder else "bundled Qwen2 BPE",
         )
     finally:
         ckpt.close()
