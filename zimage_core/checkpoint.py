@@ -404,15 +404,12 @@ def text_encoder_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str, i
             f"it looks like {what}."
         )
     prefix = prefixes[0]
-    layers = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", n))}
-    n_layers = max(layers) + 1
+    rest = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+    n_layers = 1 + max(int(m.group(1)) for n in rest if (m := re.match(r"layers\.(\d+)\.", n)))
     if n_layers < 2:
-        raise CheckpointError(f"{ckpt.path}: a Qwen3 model with {n_layers} layer; Z-Image reads the second-to-last.")
-    skipped = re.compile(rf"^(layers\.({'|'.join(map(str, range(n_layers - 1, max(layers) + 1)))})\.|norm\.weight$)")
-    sources = {
-        "model." + n[len(prefix) :]: [n] for n in names if n.startswith(prefix) and not skipped.match(n[len(prefix) :])
-    }
-    return sources, prefix, n_layers
+        raise CheckpointError(f"{ckpt.path}: a Qwen3 model with 1 layer; Z-Image reads the second-to-last.")
+    skipped = (f"layers.{n_layers - 1}.", "norm.weight")
+    return {"model." + n: [prefix + n] for n in rest if not n.startswith(skipped)}, prefix, n_layers
 
 
 def text_encoder_config(ckpt: Checkpoint, sources, n_layers: int, config: dict | None) -> dict:
