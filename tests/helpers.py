@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import torch
-from diffusers import ZImageTransformer2DModel
+from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3Model
 
@@ -45,8 +45,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
                 p.normal_(0, 1, generator=g)
             elif "norm" in name or name.startswith(("cap_embedder.0", "siglip_embedder.0")):
                 p.normal_(1, 0.1, generator=g)
-            elif p.dim() == 2:
-                p.normal_(0, p.shape[1] ** -0.5, generator=g)
+            elif p.dim() >= 2:  # Linear and conv weights: unit gain for unit inputs
+                p.normal_(0, p[0].numel() ** -0.5, generator=g)
             else:
                 p.normal_(0, 0.05, generator=g)
     return model
@@ -308,3 +308,50 @@ def qwen3_sparse_layouts(root: Path, config: dict = QWEN3_REAL) -> dict[str, Pat
         root / "qwen_3_4b_fp8_mixed.safetensors", *comfy_quant_specs(specs)
     )
     return paths
+
+
+# ---- Flux VAE ----
+
+# The released VAE (Z-Image-Turbo vae/config.json = FLUX.1's).
+VAE_REAL = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+    "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.3611,
+    "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
+}  # fmt: skip
+# diffusers' pipeline tests (tests/pipelines/z_image/test_z_image.py): factor 2, and quant convs (the default).
+VAE_TINY = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 64], "layers_per_block": 1,
+    "latent_channels": 16, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+}  # fmt: skip
+
+
+def reference_vae(config: dict, seed: int = 0) -> AutoencoderKL:
+    """diffusers' AutoencoderKL with seeded random weights, fp32."""
+    with torch.device("meta"):
+        model = AutoencoderKL(**config)
+    return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+
+
+def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers VAE names -> Black Forest Labs' `ae.safetensors` names (zimage-spec.md 3.4): decoder levels
+    numbered from full resolution up, `mid.attn_1` with 1x1-conv q/k/v/proj_out."""
+    levels = 1 + max(int(n.split(".")[2]) for n in sd if n.startswith("decoder.up_blocks."))
+    out = {}
+    for name, t in sd.items():
+        for old, new in (
+            (".mid_block.resnets.0.", ".mid.block_1."), (".mid_block.resnets.1.", ".mid.block_2."),
+            (".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm."), (".conv_shortcut.", ".nin_shortcut."),
+            (".mid_block.attentions.0.to_out.0.", ".mid.attn_1.proj_out."), (".conv_norm_out.", ".norm_out."),
+            (".mid_block.attentions.0.to_", ".mid.attn_1."), (".downsamplers.0.", ".downsample."),
+            (".upsamplers.0.", ".upsample."), (".resnets.", ".block."), ("encoder.down_blocks.", "encoder.down."),
+        ):  # fmt: skip
+            name = name.replace(old, new)
+        if name.startswith("decoder.up_blocks."):
+            i, rest = name.removeprefix("decoder.up_blocks.").split(".", 1)
+            name = f"decoder.up.{levels - 1 - int(i)}.{rest}"
+        if ".mid.attn_1." in name and name.endswith(".weight") and t.dim() == 2:
+            t = t[:, :, None, None]
+        out[name] = t
+    return out

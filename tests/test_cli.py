@@ -10,8 +10,11 @@ import torch
 from helpers import (
     QWEN3_SMALL,
     SMALL,
+    VAE_TINY,
     fp8_forms,
     reference_qwen3,
+    reference_vae,
+    to_bfl,
     to_comfy,
     write_diffusers_folder,
     write_file,
@@ -179,6 +182,24 @@ def test_inspect_names_a_wrong_text_encoder(tmp_path):
     assert str(path) in result.stderr and "Qwen3 text encoder" in result.stderr and "CLIP" in result.stderr
     result = cli("inspect", "--component", "text_encoder", path)
     assert result.returncode == 1 and "not a Qwen3 text encoder (Z-Image's is Qwen3-4B" in result.stderr
+
+
+def test_inspect_vae_layouts(tmp_path):
+    ref = reference_vae(VAE_TINY)
+    ae = write_file(tmp_path / "ae.safetensors", to_bfl(ref.state_dict()))
+    ref.save_pretrained(tmp_path / "Z-Image-Turbo" / "vae")
+    (tmp_path / "Z-Image-Turbo" / "model_index.json").write_text("{}")
+    for path, naming in ((ae, "BFL/ComfyUI"), (tmp_path / "Z-Image-Turbo", "diffusers")):
+        result = cli("inspect", "--json", path)
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout)
+        assert (info["kind"], info["naming"], info["factor"]) == ("Flux VAE", naming, 2)
+        assert info["config"]["block_out_channels"] == VAE_TINY["block_out_channels"]
+        assert info["parameters"] == sum(p.numel() for p in ref.parameters())
+    assert "downscale     2x" in cli("inspect", ae).stdout
+    sd_vae = write_file(tmp_path / "sdxl_vae.safetensors", {"decoder.conv_in.weight": torch.zeros(512, 4, 3, 3)})
+    result = cli("inspect", sd_vae)
+    assert result.returncode == 1 and "sdxl_vae.safetensors: a VAE with 4 latent channels" in result.stderr
 
 
 def test_smoke_command():

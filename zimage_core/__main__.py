@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, components, load_text_encoder, load_transformer
+from .checkpoint import CheckpointError, components, load_text_encoder, load_transformer, load_vae
 from .transformer import TransformerConfig, ZImageTransformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
-LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder}
+LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}
 
 
 def reset_peak_rss():
@@ -70,6 +70,8 @@ def report(info: dict) -> str:
             ("variant", f"{info['variant']} ({info['variant_reason']})"),
             ("naming", f"{info['naming']} tensor names"),
         ]
+    elif info["kind"] == "Flux VAE":
+        specific = [("naming", f"{info['naming']} tensor names"), ("downscale", f"{info['factor']}x")]
     else:
         layers = f"{info['layers_used']} of {info['config']['num_hidden_layers']} (Z-Image reads the second-to-last)"
         specific = [("model", info["model"]), ("layers used", layers), ("tokenizer", info["tokenizer"])]

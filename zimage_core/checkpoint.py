@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .transformer import Linear, TransformerConfig, ZImageTransformer
+from .vae import VAE, VAEConfig
 
 if TYPE_CHECKING:
     from .text_encoder import TextEncoder
@@ -235,6 +236,7 @@ LOOKALIKES = (
     ("layers.0.self_attn.q_proj.", "a language-model text encoder"),
     ("text_model.encoder.layers.", "a CLIP text encoder"),
     ("encoder.block.0.layer.0.SelfAttention.", "a T5 text encoder"),
+    ("decoder.upsamples.", "a Wan / Qwen-Image video VAE"),
     ("decoder.up", "a VAE (autoencoder)"),
     ("down_blocks.0.resnets.", "a diffusers UNet"),
 )
@@ -251,14 +253,15 @@ def looks_like(names) -> str:
 # The tensor each component always has (after its prefix).
 TRANSFORMER_MARKER = "layers.0.adaLN_modulation.0.weight"
 TEXT_ENCODER_MARKER = "layers.0.self_attn.q_norm.weight"
-MARKERS = {"transformer": TRANSFORMER_MARKER, "text_encoder": TEXT_ENCODER_MARKER}
+VAE_MARKER = "decoder.conv_in.weight"
+MARKERS = {"transformer": TRANSFORMER_MARKER, "text_encoder": TEXT_ENCODER_MARKER, "vae": VAE_MARKER}
 
 
 def components(path: str | Path) -> list[str]:
     """The Z-Image components at `path`: a pipeline folder's subfolders, or what a file's tensor names show."""
     path = Path(path).expanduser()
     if path.is_dir() and ((path / "model_index.json").is_file() or not (path / "config.json").exists()):
-        found = [c for c in ("transformer", "text_encoder") if (path / c).is_dir()]
+        found = [c for c in MARKERS if (path / c).is_dir()]
         if found:
             return found
     ckpt = open_checkpoint(path)
@@ -266,7 +269,8 @@ def components(path: str | Path) -> list[str]:
     found = [c for c, marker in MARKERS.items() if any(n.endswith(marker) for n in ckpt.names)]
     if not found:
         raise CheckpointError(
-            f"{ckpt.path}: not a Z-Image transformer or Qwen3 text encoder; it looks like {looks_like(ckpt.names)}."
+            f"{ckpt.path}: not a Z-Image transformer, Qwen3 text encoder or Flux VAE; it looks like "
+            f"{looks_like(ckpt.names)}."
         )
     return found
 
@@ -457,6 +461,88 @@ def find_tokenizer(ckpt: Checkpoint) -> Path | None:
     return None
 
 
+# ---- the Flux VAE layouts ----
+
+VAE_RENAMES = (  # diffusers `AutoencoderKL` names -> Black Forest Labs' (ours); decoder levels are renumbered apart
+    (re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\."), r"encoder.down.\1.block."),
+    (re.compile(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\."), r"encoder.down.\1.downsample."),
+    (re.compile(r"\.mid_block\.resnets\.0\."), ".mid.block_1."),
+    (re.compile(r"\.mid_block\.resnets\.1\."), ".mid.block_2."),
+    (re.compile(r"\.mid_block\.attentions\.0\.group_norm\."), ".mid.attn_1.norm."),
+    (re.compile(r"\.mid_block\.attentions\.0\.to_(q|k|v)\."), r".mid.attn_1.\1."),
+    (re.compile(r"\.mid_block\.attentions\.0\.to_out\.0\."), ".mid.attn_1.proj_out."),
+    (re.compile(r"\.conv_shortcut\."), ".nin_shortcut."),
+    (re.compile(r"\.conv_norm_out\."), ".norm_out."),
+)
+DIFFUSERS_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.")
+
+
+def vae_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str, str]:
+    """Map our parameter names to the file's: (sources, prefix, naming), BFL/ComfyUI or diffusers names."""
+    names = list(ckpt.names)
+    prefixes = sorted({n[: -len(VAE_MARKER)] for n in names if n.endswith(VAE_MARKER)})
+    if len(prefixes) != 1:
+        what = looks_like(names) if not prefixes else f"{len(prefixes)} autoencoders ({', '.join(prefixes)})"
+        raise CheckpointError(
+            f"{ckpt.path}: not a VAE: Z-Image needs the 16-channel Flux VAE (ae.safetensors or a diffusers vae/ "
+            f"folder); this looks like {what}."
+        )
+    prefix = prefixes[0]
+    rest = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+    diffusers = any(n.startswith("decoder.up_blocks.") for n in rest)
+    levels = 1 + max(
+        (int(m.group(1)) for n in rest if (m := re.match(r"encoder\.(?:down_blocks|down)\.(\d+)\.", n))), default=0
+    )
+    sources = {}
+    for n in rest:
+        ours = n
+        if diffusers:
+            for pattern, repl in VAE_RENAMES:
+                ours = pattern.sub(repl, ours)
+            if m := DIFFUSERS_UP.match(ours):
+                kind = "block" if m.group(2) == "resnets" else "upsample"
+                ours = f"decoder.up.{levels - 1 - int(m.group(1))}.{kind}." + ours[m.end() :]
+        sources[ours] = [prefix + n]
+    return sources, prefix, "diffusers" if diffusers else "BFL/ComfyUI"
+
+
+def vae_config(ckpt: Checkpoint, sources, config: dict | None) -> VAEConfig:
+    """The architecture from a diffusers config.json when there is one, otherwise from the tensors' shapes."""
+    config = config if config is not None else ckpt.config
+    where = ckpt.path / "config.json" if config is ckpt.config else "the given config"
+
+    def shape(name):
+        if name not in sources:
+            raise CheckpointError(f"{ckpt.path}: missing {name}, which every Flux VAE has.")
+        return ckpt.shape(sources[name][0])
+
+    conv_in = shape("decoder.conv_in.weight")
+    if len(conv_in) != 4:
+        raise CheckpointError(f"{ckpt.path}: a video VAE (3D convolutions); Z-Image needs the 16-channel Flux VAE.")
+    if conv_in[1] != 16:
+        sd = " (a Stable Diffusion 1.x/2.x/XL VAE)" if conv_in[1] == 4 else ""
+        raise CheckpointError(
+            f"{ckpt.path}: a VAE with {conv_in[1]} latent channels{sd}; Z-Image needs the 16-channel "
+            "Flux VAE (ae.safetensors, or the vae/ folder of the Z-Image release)."
+        )
+    if config is not None:
+        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise CheckpointError(f"{where}: describes a {config['_class_name']}, not the Flux AutoencoderKL.")
+        keys = {k: config[k] for k in ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                                        "latent_channels", "norm_num_groups", "scaling_factor", "shift_factor")
+                if config.get(k) is not None}  # fmt: skip
+        return VAEConfig(**keys, quant_conv=config.get("use_quant_conv", True))
+    levels = sorted({int(n.split(".")[2]) for n in sources if n.startswith("encoder.down.")})
+    return VAEConfig(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        block_out_channels=tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels),
+        layers_per_block=len({n.split(".")[4] for n in sources if n.startswith("encoder.down.0.block.")}),
+        latent_channels=conv_in[1],
+        quant_conv="quant_conv.weight" in sources,
+    )
+
+
 # ---- building a model from a checkpoint ----
 
 
@@ -505,6 +591,10 @@ def quantization(ckpt: Checkpoint) -> str:
     return "fp8" if fp8 else "none"
 
 
+def squeezed(shape) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
 def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtype=None, expected_as=""):
     """Replace every meta parameter by real memory on `device` holding the checkpoint's values.
 
@@ -523,7 +613,7 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
     for name, p in expected.items():
         shapes = [ckpt.shape(s) for s in sources[name]]
         got = (sum(s[0] for s in shapes), *shapes[0][1:]) if all(s[1:] == shapes[0][1:] for s in shapes) else None
-        if got != tuple(p.shape):
+        if got is None or squeezed(got) != squeezed(p.shape):  # (C, C, 1, 1) 1x1-conv weights fill (C, C) Linears
             wrong.append(f"{' + '.join(sources[name])} is {' + '.join(map(str, shapes))}, expected {tuple(p.shape)}")
     if wrong:
         raise CheckpointError(
@@ -553,7 +643,7 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
                 row_scale[row : row + len(t)] = scale.reshape(-1, 1)
             elif scale is not None:
                 t = t.float() * scale
-            out[row : row + len(t)].copy_(t)
+            out[row : row + len(t)].copy_(t.reshape(-1, *out.shape[1:]))
             ckpt.release(src)
             row += len(t)
         module._parameters[leaf] = nn.Parameter(out, requires_grad=False)
@@ -589,6 +679,12 @@ class TransformerInfo(ModelInfo):
     variant: str
     variant_reason: str
     naming: str
+
+
+@dataclass
+class VAEInfo(ModelInfo):
+    naming: str
+    factor: int
 
 
 @dataclass
@@ -686,6 +782,34 @@ def load_text_encoder(
             model="Qwen3-4B" if not differs else f"Qwen3, not Z-Image's Qwen3-4B: {', '.join(differs)}",
             layers_used=n_layers - 1,
             tokenizer=str(folder) if folder else "bundled Qwen2 BPE",
+        )
+    finally:
+        ckpt.close()
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
+    config: dict | None = None,
+) -> VAE:
+    """Load the Flux VAE from `ae.safetensors` (BFL/ComfyUI names) or a diffusers `vae/` folder.
+
+    fp32 by default, as the official pipeline runs it; bf16 halves its activation memory. fp8 files are widened to
+    `dtype` (the VAE is small; its convolutions do not take fp8 weights), and `weight_dtype` is not used.
+    """
+    ckpt = open_checkpoint(path, "vae")
+    try:
+        sources, prefix, naming = vae_sources(ckpt)
+        cfg = vae_config(ckpt, sources, config)
+        with torch.device("meta"):
+            model = VAE(cfg)
+        widths = "/".join(map(str, cfg.block_out_channels))
+        fill(model, ckpt, sources, torch.device(device), dtype, None, f"a Flux VAE with widths {widths}")
+        model.info = VAEInfo(
+            **describe("Flux VAE", model, ckpt, prefix, asdict(cfg), device, dtype), naming=naming, factor=cfg.factor
         )
     finally:
         ckpt.close()
