@@ -27,7 +27,8 @@ from helpers import (
     write_sparse,
 )
 
-from zimage_core.checkpoint import CheckpointError, load_transformer
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.loaders import load_transformer
 from zimage_core.transformer import Linear
 
 ROOT = Path(__file__).parents[1]

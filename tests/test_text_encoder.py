@@ -22,7 +22,8 @@ from helpers import (
 )
 from transformers import AutoTokenizer
 
-from zimage_core.checkpoint import CheckpointError, load_text_encoder
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.loaders import load_text_encoder
 from zimage_core.text_encoder import BUNDLED_TOKENIZER, TEMPLATE, load_tokenizer, tokenize
 
 LONG_EN = "a very detailed scene of a harbour town at dusk, " * 60  # about 700 tokens

@@ -5,7 +5,7 @@ import torch
 from conftest import rel_err
 from helpers import SLICE, SMALL, TINY, make_inputs, reference_forward, reference_transformer, write_diffusers_folder
 
-from zimage_core.checkpoint import load_transformer
+from zimage_core.loaders import load_transformer
 
 
 def both(ref, ours, config, size, cap_lens, seed=0, dtype=torch.float32):

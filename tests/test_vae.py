@@ -18,7 +18,8 @@ from helpers import (
 )
 
 from zimage_core import vae as vae_module
-from zimage_core.checkpoint import CheckpointError, load_vae
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.loaders import load_vae
 from zimage_core.vae import VAE, VAEConfig
 
 

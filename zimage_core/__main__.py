@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, components, load_text_encoder, load_transformer, load_vae
+from .checkpoint import CheckpointError
+from .loaders import components, load_text_encoder, load_transformer, load_vae
 from .transformer import TransformerConfig, ZImageTransformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -82,7 +82,7 @@ class TextEncoder(nn.Module):
     """Qwen3's embedding and decoder layers up to the one Z-Image reads, with its tokenizer in front.
 
     `config` gives the layers to build: one fewer than the language model has, since the references take
-    `hidden_states[-2]`. Build it on the meta device and fill it (`checkpoint.load_text_encoder`).
+    `hidden_states[-2]`. Build it on the meta device and fill it (`loaders.load_text_encoder`).
     """
 
     def __init__(self, config: Qwen3Config, tokenizer):

@@ -9,7 +9,7 @@ Numerically this is the official model (Tongyi-MAI/Z-Image `src/zimage/transform
   the low-precision dtype, which keeps bf16 closer to the fp32 model than the references are;
 - a Linear may hold its weight in fp8 (with a scale) and dequantize it per call, so fp8 files are held once.
 
-Module names follow ComfyUI's single-file layout (`attention.qkv`, `x_embedder`, `final_layer`); `checkpoint.py`
+Module names follow ComfyUI's single-file layout (`attention.qkv`, `x_embedder`, `final_layer`); `loaders.py`
 maps the diffusers layout onto them.
 """
 

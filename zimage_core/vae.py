@@ -2,7 +2,7 @@
 
 Numerically the official `src/zimage/autoencoder.py` (= diffusers' `AutoencoderKL` with the Flux config). Module
 names follow Black Forest Labs' `ae.safetensors` (`down.{i}.block.{j}`, `mid.attn_1`, `up.{i}`), which ComfyUI
-ships; `checkpoint.py` maps diffusers' `vae/` folder onto them. Widths, depth and latent channels come from the
+ships; `loaders.py` maps diffusers' `vae/` folder onto them. Widths, depth and latent channels come from the
 config, so the downscale factor is 2^(levels - 1): 8 for the released model, 2 for diffusers' test VAE.
 
 Latents here are the autoencoder's own ("raw", what ComfyUI's LATENT holds); the transformer works on
