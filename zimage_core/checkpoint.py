@@ -144,6 +144,12 @@ class Checkpoint:
         for f in self.files:
             f.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def open_checkpoint(path: str | Path, component: str = "transformer") -> Checkpoint:
     """Find the safetensors files of `component` at `path`: a file, a diffusers folder or a pipeline folder."""

@@ -47,9 +47,8 @@ def components(path: str | Path) -> list[str]:
         found = [c for c in MARKERS if (path / c).is_dir()]
         if found:
             return found
-    ckpt = open_checkpoint(path)
-    ckpt.close()
-    found = [c for c, marker in MARKERS.items() if any(n.endswith(marker) for n in ckpt.names)]
+    with open_checkpoint(path) as ckpt:
+        found = [c for c, marker in MARKERS.items() if any(n.endswith(marker) for n in ckpt.names)]
     if not found:
         raise CheckpointError(
             f"{ckpt.path}: not a Z-Image transformer, Qwen3 text encoder or Flux VAE; it looks like "
@@ -357,8 +356,7 @@ def load_transformer(
     `weight_dtype=torch.float8_e4m3fn` holds the Linear weights of a bf16/fp32 file in fp8 (as ComfyUI's
     fp8 weight option does); fp8 files are always held in fp8. `config` overrides the folder's config.json.
     """
-    ckpt = open_checkpoint(path, "transformer")
-    try:
+    with open_checkpoint(path, "transformer") as ckpt:
         sources, prefix = transformer_sources(ckpt)
         cfg = transformer_config(ckpt, sources, config)
         with torch.device("meta"):
@@ -374,8 +372,6 @@ def load_transformer(
             variant_reason=reason,
             naming="diffusers" if diffusers_named else "ComfyUI",
         )
-    finally:
-        ckpt.close()
     return model.eval().requires_grad_(False)
 
 
@@ -394,8 +390,7 @@ def load_text_encoder(
     """
     from .text_encoder import BUNDLED_TOKENIZER, Qwen3Config, TextEncoder, load_tokenizer  # transformers: 3 s, here
 
-    ckpt = open_checkpoint(path, "text_encoder")
-    try:
+    with open_checkpoint(path, "text_encoder") as ckpt:
         sources, prefix, n_layers = text_encoder_sources(ckpt)
         cfg = text_encoder_config(ckpt, sources, n_layers, config)
         folder = Path(tokenizer) if tokenizer is not None else find_tokenizer(ckpt)
@@ -417,8 +412,6 @@ def load_text_encoder(
             layers_used=n_layers - 1,
             tokenizer=str(folder) if folder else "bundled Qwen2 BPE",
         )
-    finally:
-        ckpt.close()
     return model.eval().requires_grad_(False)
 
 
@@ -434,8 +427,7 @@ def load_vae(
     fp32 by default, as the official pipeline runs it; bf16 halves its activation memory. fp8 files are widened to
     `dtype` (the VAE is small; its convolutions do not take fp8 weights), and `weight_dtype` is not used.
     """
-    ckpt = open_checkpoint(path, "vae")
-    try:
+    with open_checkpoint(path, "vae") as ckpt:
         sources, prefix, naming = vae_sources(ckpt)
         cfg = vae_config(ckpt, sources, config)
         with torch.device("meta"):
@@ -445,6 +437,4 @@ def load_vae(
         model.info = VAEInfo(
             **describe("Flux VAE", model, ckpt, prefix, asdict(cfg), device, dtype), naming=naming, factor=cfg.factor
         )
-    finally:
-        ckpt.close()
     return model.eval().requires_grad_(False)
