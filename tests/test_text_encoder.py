@@ -267,7 +267,7 @@ def test_real_width_slice_equals_diffusers(tmp_path):
     )
 
 
-@pytest.mark.parametrize("form", ["plain", "comfy_quant"])
+@pytest.mark.parametrize("form", ["plain", "scaled", "comfy_quant"])
 def test_fp8_files_are_held_in_fp8_and_encode_like_the_dequantized_reference(small_ref, tmp_path, form):
     forms, dequantized = fp8_forms(comfy_sd(small_ref))
     tensors, metadata = forms[form]
