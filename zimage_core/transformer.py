@@ -273,6 +273,11 @@ class ZImageTransformer(nn.Module):
             self.siglip_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
             self.siglip_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it computes in (its Linear weights may be held in fp8)."""
+        return self.x_embedder.compute_dtype or self.x_embedder.weight.dtype
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None
     ) -> torch.Tensor:

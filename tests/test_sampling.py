@@ -1,0 +1,100 @@
+"""Sampling equals diffusers' ZImagePipeline on the same tiny random components and seeds."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
+from helpers import QWEN3_TINY, REAL, VAE_TINY, reference_qwen3, reference_transformer, reference_vae
+from transformers import AutoTokenizer
+
+from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
+from zimage_core.sampling import noise, sample, sigmas
+from zimage_core.text_encoder import BUNDLED_TOKENIZER
+
+# diffusers' pipeline-test transformer (tests/pipelines/z_image/test_z_image.py)
+PIPELINE_TRANSFORMER = dict(REAL, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                            axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])  # fmt: skip
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 6.0])
+def test_sigmas_equal_diffusers_for_1_to_50_steps(shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    for steps in range(1, 51):
+        scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=0.5)
+        assert torch.equal(sigmas(steps, shift), scheduler.sigmas), steps
+        assert torch.equal(sigmas(steps, shift)[:-1] * 1000, scheduler.timesteps), steps
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    """The same random components for diffusers' pipeline (objects) and for us (saved, then loaded)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    transformer = reference_transformer(PIPELINE_TRANSFORMER, seed=0)
+    text_encoder = reference_qwen3(QWEN3_TINY, seed=1)
+    vae = reference_vae(VAE_TINY, seed=2)
+    for name, model in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)):
+        model.save_pretrained(root / name)
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER)),
+        transformer=transformer,
+    )
+    ours = (
+        load_transformer(root / "transformer", dtype=torch.float32),
+        load_text_encoder(root / "text_encoder", dtype=torch.float32),
+        load_vae(root / "vae"),
+    )
+    return pipe, ours
+
+
+@pytest.mark.parametrize(
+    "steps,scale,negative,truncation,normalization",
+    [
+        (8, 0.0, None, 1.0, 0.0),  # Turbo: 8 evaluations, no guidance
+        (4, 3.0, "bad quality", 1.0, 0.0),  # Base with a negative prompt
+        (5, 4.0, None, 0.6, 1.2),  # guidance off for late steps, norms capped; negative "" by default
+    ],
+)
+def test_text_to_image_equals_diffusers_pipeline(components, steps, scale, negative, truncation, normalization):
+    pipe, (transformer, encoder, vae) = components
+    prompts, seeds = ["dance monkey", "一只猫"], [0, 1]
+    negatives = None if negative is None else [negative] * 2
+
+    def reference(output_type):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipe(
+            list(prompts),
+            negative_prompt=negatives and list(negatives),
+            height=32,
+            width=32,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            cfg_truncation=truncation,
+            cfg_normalization=normalization,
+            generator=generators,
+            output_type=output_type,
+        ).images  # fmt: skip (lists are copied: diffusers rewrites the prompt lists it is given)
+
+    expected, expected_image = reference("latent"), torch.from_numpy(reference("np"))
+
+    cond = encoder.encode(prompts)
+    uncond = encoder.encode(negatives or ["", ""]) if scale > 0 else None
+    start = noise((16, 16, 16), seeds)
+    latents = sample(transformer, start, cond, uncond, sigmas(steps), scale, truncation, normalization)
+    assert (latents - expected).abs().max() <= 1e-4
+    image = vae.decode(vae.denormalize(latents))
+    assert (image - expected_image).abs().max() <= 2 / 255
+
+
+def test_callback_sees_every_step_and_cancel_stops(components):
+    _, (transformer, encoder, _) = components
+    cond, seen = encoder.encode(["a cat"]), []
+    start = noise((16, 8, 8), [3])
+    out = sample(transformer, start, cond, schedule=sigmas(3), callback=lambda i, n, x0: seen.append((i, n, x0)))
+    assert [(i, n) for i, n, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert torch.allclose(seen[-1][2], out, atol=1e-6)  # at sigma 0 the prediction is the result
+    calls = []
+    with pytest.raises(InterruptedError, match="before step 2 of 3"):
+        sample(transformer, start, cond, schedule=sigmas(3), cancelled=lambda: calls.append(1) or len(calls) > 1)

@@ -1,0 +1,89 @@
+"""Flow-matching Euler sampling with the references' shifted sigma schedule and classifier-free guidance.
+
+The numbers are diffusers' `ZImagePipeline` with `FlowMatchEulerDiscreteScheduler` (shift 3, static): sigmas
+evenly spaced in (0, 1] in float32, shifted, then a final 0, one transformer evaluation per sigma before the 0.
+Latents are float32 between steps and cast to the transformer's dtype for each evaluation.
+
+Guidance `scale` is diffusers' g (`pred = cond + g * (cond - uncond)`, off at 0); ComfyUI's cfg is g + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .text_encoder import Embeddings
+
+SHIFT = 3.0  # Z-Image's scheduler_config.json (Turbo; ComfyUI uses it for every Z-Image model)
+
+
+def sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
+    """`steps` + 1 noise levels from 1 down to 0: one transformer evaluation per step, none at the final 0."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    s = torch.linspace(1.0, 1 / steps, steps)
+    return torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1)])
+
+
+def noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """Initial latents as diffusers draws them for one CPU generator per image: float32, on the CPU."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def batch(*parts: Embeddings) -> tuple[torch.Tensor, list[int]]:
+    """Caption features of several Embeddings as one right-padded batch, and every item's length."""
+    longest = max(p.features.shape[1] for p in parts)
+    features = [F.pad(p.features, (0, 0, 0, longest - p.features.shape[1])) for p in parts]
+    return torch.cat(features), [n for p in parts for n in p.lengths]
+
+
+@torch.no_grad()
+def sample(
+    model,
+    latents: torch.Tensor,
+    cond: Embeddings,
+    uncond: Embeddings | None = None,
+    schedule: torch.Tensor | None = None,
+    scale: float = 0.0,
+    truncation: float = 1.0,
+    normalization: float = 0.0,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Denoise `latents` (B, C, h, w) from `schedule[0]` down to `schedule[-1]`; returns float32 latents.
+
+    With `scale` > 0 and `uncond`, each evaluation runs cond and uncond as one batch of 2B, except on steps where
+    1 - sigma exceeds `truncation` (guidance off there). `normalization` k > 0 caps each guided prediction's norm
+    at k times the cond prediction's. `callback(step, total, x0)` gets the predicted clean latents after each
+    step; `cancelled()` is asked before each evaluation and stops with `InterruptedError`.
+    """
+    schedule = sigmas(8) if schedule is None else schedule
+    device, dtype = model.x_embedder.weight.device, model.dtype
+    guided = scale > 0 and uncond is not None
+    captions, lengths = batch(cond, uncond) if guided else batch(cond)
+    captions = captions.to(device)
+    x = latents.to(device, torch.float32)
+    timesteps = schedule.to(device) * 1000
+    total = len(schedule) - 1
+    for i in range(total):
+        if cancelled is not None and cancelled():
+            raise InterruptedError(f"cancelled before step {i + 1} of {total}")
+        t = ((1000 - timesteps[i]) / 1000).expand(x.shape[0])
+        step_guided = guided and float(t[0]) <= truncation
+        if step_guided:
+            out = model(x.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), captions, lengths).float()
+            pos, neg = out.chunk(2)
+            v = pos + scale * (pos - neg)
+            if normalization > 0:
+                limit = pos.flatten(1).norm(dim=1) * normalization
+                norm = v.flatten(1).norm(dim=1)
+                v = v * torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None, None, None]
+        else:
+            n = len(cond.lengths)
+            v = model(x.to(dtype), t, captions[:n, : max(lengths[:n])], lengths[:n]).float()
+        x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
+        if callback is not None:
+            callback(i + 1, total, x - schedule[i + 1].to(device) * -v)
+    return x
