@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 from helpers import QWEN3_TINY, REAL, VAE_TINY, reference_qwen3, reference_transformer, reference_vae
 from transformers import AutoTokenizer
 
 from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
-from zimage_core.sampling import noise, sample, sigmas
+from zimage_core.sampling import encode_with_noise, noise, noised, sample, sigmas, start_index
 from zimage_core.text_encoder import BUNDLED_TOKENIZER
 
 # diffusers' pipeline-test transformer (tests/pipelines/z_image/test_z_image.py)
@@ -86,6 +87,43 @@ def test_text_to_image_equals_diffusers_pipeline(components, steps, scale, negat
     assert (latents - expected).abs().max() <= 1e-4
     image = vae.decode(vae.denormalize(latents))
     assert (image - expected_image).abs().max() <= 2 / 255
+
+
+@pytest.mark.parametrize("kind,strength,steps", [("img2img", 0.6, 5), ("img2img", 0.3, 8), ("img2img", 1.0, 3),
+                                                 ("inpaint", 1.0, 4), ("inpaint", 0.75, 4)])  # fmt: skip
+def test_img2img_and_inpaint_equal_diffusers_pipelines(components, kind, strength, steps):
+    pipe, (transformer, encoder, vae) = components
+    prompts, negatives, seeds = ["dance monkey", "a red fox"], ["bad quality", ""], [5, 6]
+    images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(7))
+    mask = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(8))  # grey levels: binarized at 0.5
+    reference_pipe = (ZImageImg2ImgPipeline if kind == "img2img" else ZImageInpaintPipeline)(**pipe.components)
+    extra = {"mask_image": mask[:, None]} if kind == "inpaint" else {}
+
+    def reference(output_type):
+        return reference_pipe(
+            list(prompts), image=images.movedim(-1, 1), strength=strength, negative_prompt=list(negatives), height=32,
+            width=32, num_inference_steps=steps, guidance_scale=2.0, output_type=output_type,
+            generator=[torch.Generator().manual_seed(s) for s in seeds], **extra,
+        ).images  # fmt: skip
+
+    expected, expected_image = reference("latent"), torch.from_numpy(reference("np"))
+    schedule = sigmas(steps)[start_index(steps, strength) :]
+    clean, start = encode_with_noise(vae, images, seeds)
+    inpaint = None
+    if kind == "inpaint":
+        inpaint = (clean, start, F.interpolate((mask[:, None] >= 0.5).float(), size=clean.shape[2:], mode="nearest"))
+    cond, uncond = encoder.encode(prompts), encoder.encode(negatives)
+    latents = sample(transformer, noised(clean, start, schedule[0]), cond, uncond, schedule, 2.0, inpaint=inpaint)
+    assert (latents - expected).abs().max() <= 1e-4
+    assert (vae.decode(vae.denormalize(latents)) - expected_image).abs().max() <= 2 / 255
+
+
+def test_strength_that_leaves_no_step_is_refused():
+    assert start_index(8, 1.0) == 0 and start_index(8, 0.5) == 4 and start_index(4, 0.1) == 3
+    with pytest.raises(ValueError, match="leaves no step to run"):
+        start_index(4, 0.0)
+    with pytest.raises(ValueError, match="within"):
+        start_index(4, 1.5)
 
 
 def test_callback_sees_every_step_and_cancel_stops(components):

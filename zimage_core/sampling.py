@@ -32,6 +32,33 @@ def noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def start_index(steps: int, strength: float) -> int:
+    """img2img and inpaint: how many of `steps` sigmas to skip for `strength` (ComfyUI's denoise), as diffusers."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength (denoise) must be within [0, 1], got {strength}")
+    first = int(max(steps - min(steps * strength, steps), 0))
+    if first >= steps:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run: raise either")
+    return first
+
+
+def noised(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Latents at noise level `sigma` on the straight path from `clean` to `noise`."""
+    return sigma * noise + (1.0 - sigma) * clean
+
+
+def encode_with_noise(vae, images: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """img2img/inpaint inputs drawn as diffusers draws them: one CPU generator per image, seeded with its seed,
+    first for the posterior sample of the image, then for the noise. Returns (normalized latents, noise)."""
+    latents, noises = [], []
+    for image, seed in zip(images, seeds):
+        generator = torch.Generator().manual_seed(seed)
+        z = vae.normalize(vae.encode(image[None], sample=True, generator=generator))
+        latents.append(z)
+        noises.append(torch.randn(z.shape, generator=generator).to(z.device))
+    return torch.cat(latents), torch.cat(noises)
+
+
 def batch(*parts: Embeddings) -> tuple[torch.Tensor, list[int]]:
     """Caption features of several Embeddings as one right-padded batch, and every item's length."""
     longest = max(p.features.shape[1] for p in parts)
@@ -51,6 +78,7 @@ def sample(
     normalization: float = 0.0,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) from `schedule[0]` down to `schedule[-1]`; returns float32 latents.
 
@@ -58,6 +86,8 @@ def sample(
     1 - sigma exceeds `truncation` (guidance off there). `normalization` k > 0 caps each guided prediction's norm
     at k times the cond prediction's. `callback(step, total, x0)` gets the predicted clean latents after each
     step; `cancelled()` is asked before each evaluation and stops with `InterruptedError`.
+    `inpaint` = (clean latents, noise, mask (B, 1, h, w), 1 = repaint): after each step the kept region is put back
+    at the next noise level (clean after the last step), as diffusers' inpaint pipeline does.
     """
     schedule = sigmas(8) if schedule is None else schedule
     device, dtype = model.x_embedder.weight.device, model.dtype
@@ -86,4 +116,8 @@ def sample(
         x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
         if callback is not None:
             callback(i + 1, total, x - schedule[i + 1].to(device) * -v)
+        if inpaint is not None:
+            clean, start, mask = (t.to(device) for t in inpaint)
+            keep = noised(clean, start, schedule[i + 1].to(device)) if i < total - 1 else clean
+            x = (1 - mask) * keep + mask * x
     return x
