@@ -97,6 +97,7 @@ def sample(
     x = latents.to(device, torch.float32)
     timesteps = schedule.to(device) * 1000
     total = len(schedule) - 1
+    clean, start, mask = (part.to(device) for part in inpaint) if inpaint is not None else (None, None, None)
     for i in range(total):
         if cancelled is not None and cancelled():
             raise InterruptedError(f"cancelled before step {i + 1} of {total}")
@@ -116,8 +117,7 @@ def sample(
         x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
         if callback is not None:
             callback(i + 1, total, x - schedule[i + 1].to(device) * -v)
-        if inpaint is not None:
-            clean, start, mask = (t.to(device) for t in inpaint)
+        if mask is not None:
             keep = noised(clean, start, schedule[i + 1].to(device)) if i < total - 1 else clean
             x = (1 - mask) * keep + mask * x
     return x
