@@ -16,7 +16,7 @@ def test_pyproject_for_the_registry():
     meta = project["project"]
     assert meta["name"] == "comfyui-zimage" and meta["version"] and meta["urls"]["Repository"]
     deps = " ".join(meta["dependencies"])
-    for needed in ("safetensors", "transformers", "numpy", "pillow"):
+    for needed in ("safetensors", "transformers", "numpy", "pillow", "tqdm"):
         assert needed in deps
     assert "torch" not in deps and "diffusers" not in deps
     assert any(d.startswith("diffusers==") for d in meta["optional-dependencies"]["test"])
@@ -26,7 +26,7 @@ def test_pyproject_for_the_registry():
 def test_requirements_leave_torch_to_the_host():
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     names = {line.split(">")[0].split("=")[0].split("<")[0] for line in lines if line}
-    assert names == {"safetensors", "transformers", "numpy", "pillow"}
+    assert names == {"safetensors", "transformers", "numpy", "pillow", "tqdm"}
 
 
 def test_pack_imports_without_comfyui_and_without_torch():

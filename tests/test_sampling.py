@@ -9,6 +9,7 @@ from helpers import QWEN3_TINY, REAL, VAE_TINY, reference_qwen3, reference_trans
 from transformers import AutoTokenizer
 
 from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
+from zimage_core.pipeline import find_models, generate
 from zimage_core.sampling import encode_with_noise, noise, noised, sample, sigmas, start_index
 from zimage_core.text_encoder import BUNDLED_TOKENIZER
 
@@ -47,7 +48,7 @@ def components(tmp_path_factory):
         load_text_encoder(root / "text_encoder", dtype=torch.float32),
         load_vae(root / "vae"),
     )
-    return pipe, ours
+    return pipe, ours, root
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,7 @@ def components(tmp_path_factory):
     ],
 )
 def test_text_to_image_equals_diffusers_pipeline(components, steps, scale, negative, truncation, normalization):
-    pipe, (transformer, encoder, vae) = components
+    pipe, (transformer, encoder, vae), _ = components
     prompts, seeds = ["dance monkey", "一只猫"], [0, 1]
     negatives = None if negative is None else [negative] * 2
 
@@ -92,7 +93,7 @@ def test_text_to_image_equals_diffusers_pipeline(components, steps, scale, negat
 @pytest.mark.parametrize("kind,strength,steps", [("img2img", 0.6, 5), ("img2img", 0.3, 8), ("img2img", 1.0, 3),
                                                  ("inpaint", 1.0, 4), ("inpaint", 0.75, 4)])  # fmt: skip
 def test_img2img_and_inpaint_equal_diffusers_pipelines(components, kind, strength, steps):
-    pipe, (transformer, encoder, vae) = components
+    pipe, (transformer, encoder, vae), _ = components
     prompts, negatives, seeds = ["dance monkey", "a red fox"], ["bad quality", ""], [5, 6]
     images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(7))
     mask = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(8))  # grey levels: binarized at 0.5
@@ -127,7 +128,7 @@ def test_strength_that_leaves_no_step_is_refused():
 
 
 def test_callback_sees_every_step_and_cancel_stops(components):
-    _, (transformer, encoder, _) = components
+    _, (transformer, encoder, _), _ = components
     cond, seen = encoder.encode(["a cat"]), []
     start = noise((16, 8, 8), [3])
     out = sample(transformer, start, cond, schedule=sigmas(3), callback=lambda i, n, x0: seen.append((i, n, x0)))
@@ -136,3 +137,16 @@ def test_callback_sees_every_step_and_cancel_stops(components):
     calls = []
     with pytest.raises(InterruptedError, match="before step 2 of 3"):
         sample(transformer, start, cond, schedule=sigmas(3), cancelled=lambda: calls.append(1) or len(calls) > 1)
+
+
+def test_generate_from_a_pipeline_folder_equals_diffusers(components):
+    """The whole path: models found in the folder, loaded one at a time, cfg in ComfyUI's convention (g + 1)."""
+    pipe, _, root = components
+    prompts, seeds = ["dance monkey", "a red fox"], [3, 4]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    expected = pipe(list(prompts), negative_prompt=["bad quality"] * 2, height=32, width=48, num_inference_steps=4,
+                    guidance_scale=2.5, generator=generators, output_type="np").images  # fmt: skip
+    result = generate(find_models(root), prompts, ["bad quality"] * 2, width=48, height=32, steps=4, cfg=3.5,
+                      seeds=seeds, dtype=torch.float32)  # fmt: skip
+    assert result.images.shape == (2, 32, 48, 3) and result.latents.shape == (2, 16, 16, 24)
+    assert (result.images - torch.from_numpy(expected)).abs().max() <= 2 / 255

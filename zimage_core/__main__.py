@@ -1,4 +1,4 @@
-"""Command line: `python -m zimage_core inspect PATH` and `python -m zimage_core smoke`."""
+"""Command line: `python -m zimage_core generate`, `inspect PATH` and `smoke`."""
 
 from __future__ import annotations
 
@@ -11,17 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .loaders import components, load_text_encoder, load_transformer, load_vae
+from .loaders import LOADERS, components
+from .pipeline import TINY_RANDOM, find_models
+from .pipeline import generate as pipeline_generate
 from .transformer import TransformerConfig, ZImageTransformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-
-
-LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}
 
 
 def reset_peak_rss():
@@ -92,6 +96,56 @@ def report(info: dict) -> str:
     return "\n".join(f"{key:<13} {value}" for key, value in rows) + "\n"
 
 
+def read_image(path: str, mode: str) -> torch.Tensor:
+    """An image file as a (1, H, W, C) float tensor in [0, 1] (C = 3 for RGB, 1 for a grayscale mask)."""
+    with Image.open(path) as image:
+        array = np.asarray(image.convert(mode), dtype=np.float32) / 255
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1))[None]
+
+
+def generate(args) -> int:
+    """Generate images from a prompt, with the models loaded one at a time, and save them as PNG."""
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = find_models(args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae)
+    seeds = [args.seed + i for i in range(args.batch)]
+    init = read_image(args.init_image, "RGB") if args.init_image else None
+    mask = read_image(args.mask, "L")[..., 0] if args.mask else None
+    if mask is not None and init is None:
+        raise ValueError("--mask needs --init-image: the mask says which part of that image to repaint")
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
+
+    def progress(step: int, total: int, x0: torch.Tensor):
+        bar.total = total  # img2img runs only the last steps of the schedule
+        bar.update(1)
+
+    result = pipeline_generate(
+        models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
+        width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype], init, args.strength, mask,
+        callback=progress,
+    )  # fmt: skip
+    bar.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, (image, seed) in enumerate(zip(result.images, seeds)):
+        path = out if args.batch == 1 else out.with_name(f"{out.stem}_{i:02d}{out.suffix}")
+        info = PngInfo()
+        params = {
+            "prompt": args.prompt, "negative": args.negative, "size": f"{width}x{height}", "steps": args.steps,
+            "cfg": args.cfg, "seed": seed, "strength": args.strength if init is not None else None,
+            "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
+        }  # fmt: skip
+        info.add_text("parameters", json.dumps(params, ensure_ascii=False))
+        Image.fromarray((image * 255).round().byte().numpy()).save(path, pnginfo=info)
+        print(f"wrote {path}")
+    if args.save_latent:
+        # ComfyUI's Save Latent format: raw autoencoder latents plus the marker that says they are not SD-scaled
+        save_file({"latent_tensor": result.latents.contiguous(), "latent_format_version_0": torch.tensor([])},
+                  args.save_latent)  # fmt: skip
+        print(f"wrote {args.save_latent}")
+    return 0
+
+
 def smoke(args) -> int:
     """Build a small random-weight transformer and run one forward: proves the install without any weights."""
     torch.manual_seed(0)
@@ -113,6 +167,30 @@ def smoke(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimage_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="generate images (Turbo: 8 steps, cfg 1; Base: about 30-50 steps, cfg 4-6)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", help="negative prompt (used when --cfg > 1; default empty)")
+    p.add_argument("--model", help=f"a diffusers pipeline folder, a ComfyUI models/ folder, or {TINY_RANDOM}")
+    p.add_argument("--transformer", help="transformer file or folder (wins over --model)")
+    p.add_argument("--text-encoder", help="text encoder file or folder, e.g. qwen_3_4b.safetensors")
+    p.add_argument("--vae", help="VAE file or folder, e.g. ae.safetensors")
+    p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    p.add_argument("--steps", type=int, default=8, help="transformer evaluations (default 8, Turbo)")
+    p.add_argument(
+        "--cfg", type=float, default=1.0, help="ComfyUI's CFG scale: 1 = off (default); diffusers' g = cfg - 1"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--batch", type=int, default=1, help="images to generate")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16; the VAE runs in fp32)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--init-image", help="img2img: start from this image")
+    p.add_argument(
+        "--strength", type=float, default=0.6, help="img2img/inpaint: how much to change (ComfyUI's denoise)"
+    )
+    p.add_argument("--mask", help="inpaint: grayscale image, white = repaint (needs --init-image)")
+    p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
+    p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
+    p.set_defaults(run=generate)
     p = sub.add_parser("inspect", help="load a checkpoint and say what it is and whether it works")
     p.add_argument("path", help="a .safetensors file, a diffusers model folder or a diffusers pipeline folder")
     p.add_argument("--component", choices=LOADERS, help="which model to load (default: every one found)")
@@ -129,7 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, InterruptedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

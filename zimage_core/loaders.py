@@ -438,3 +438,6 @@ def load_vae(
             **describe("Flux VAE", model, ckpt, prefix, asdict(cfg), device, dtype), naming=naming, factor=cfg.factor
         )
     return model.eval().requires_grad_(False)
+
+
+LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}

@@ -1,0 +1,104 @@
+"""`python -m zimage_core generate`: the README command on tiny random weights, model discovery, clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.pipeline import find_models
+
+ROOT = Path(__file__).parents[1]
+
+
+def generate(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_core", "generate", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+def test_readme_command_on_tiny_random_weights(tmp_path):
+    result = generate(
+        "--model", "tiny-random", "--prompt", "一只猫 on a windowsill", "--size", "64x48", "--steps", "3",
+        "--seed", "5", "--out", tmp_path / "cat.png", "--save-latent", tmp_path / "cat.latent",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3/3" in result.stderr  # the progress bar reached the end
+    image = Image.open(tmp_path / "cat.png")
+    assert image.size == (64, 48)
+    params = json.loads(image.info["parameters"])
+    assert (params["prompt"], params["seed"], params["steps"], params["size"]) == (
+        "一只猫 on a windowsill",
+        5,
+        3,
+        "64x48",
+    )
+    latent = load_file(tmp_path / "cat.latent")  # what ComfyUI's Load Latent reads: no SD rescaling with the marker
+    assert set(latent) == {"latent_tensor", "latent_format_version_0"} and latent["latent_tensor"].shape == (
+        1,
+        16,
+        24,
+        32,
+    )
+    again = generate("--model", "tiny-random", "--prompt", "一只猫 on a windowsill", "--size", "64x48", "--steps", "3",
+                     "--seed", "5", "--out", tmp_path / "again.png")  # fmt: skip
+    assert again.returncode == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(image))  # same seed, same image
+
+
+def test_img2img_and_inpaint_with_a_batch(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((32, 40), dtype=np.uint8)
+    mask[:, 20:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--model", "tiny-random", "--prompt", "a fox", "--size", "40x32", "--steps", "4", "--batch", "2",
+              "--cfg", "2", "--negative", "blurry", "--init-image", tmp_path / "in.png"]  # fmt: skip
+    result = generate(*common, "--strength", "0.5", "--out", tmp_path / "i2i.png")
+    assert result.returncode == 0, result.stderr
+    assert "2/2" in result.stderr  # strength 0.5 of 4 steps runs 2
+    result = generate(*common, "--strength", "1.0", "--mask", tmp_path / "mask.png", "--out", tmp_path / "inpaint.png")
+    assert result.returncode == 0, result.stderr
+    original = np.asarray(Image.open(tmp_path / "in.png")).astype(int)
+    for i in range(2):
+        out = np.asarray(Image.open(tmp_path / f"inpaint_{i:02d}.png")).astype(int)
+        # the kept half comes back through the VAE, the repainted half is new
+        assert np.abs(out[:, :16] - original[:, :16]).mean() < np.abs(out[:, 24:] - original[:, 24:]).mean()
+
+
+def test_a_missing_model_says_what_file_is_expected(tmp_path):
+    (tmp_path / "models" / "diffusion_models").mkdir(parents=True)
+    result = generate("--model", tmp_path / "models", "--prompt", "x", "--out", tmp_path / "x.png")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no transformer found" in result.stderr and "z_image" in result.stderr and "--transformer" in result.stderr
+    result = generate("--prompt", "x", "--out", tmp_path / "x.png")
+    assert result.returncode == 1 and "pass --model or --transformer" in result.stderr
+
+
+def test_comfyui_models_folder_is_searched_by_released_names(tmp_path):
+    models = tmp_path / "models"
+    for folder, name in (("diffusion_models", "z_image_turbo_bf16.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+                         ("text_encoders", "clip_l.safetensors"), ("vae", "ae.safetensors")):  # fmt: skip
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        (models / folder / name).write_bytes(b"")
+    found = find_models(models, vae=tmp_path / "other_vae.safetensors")
+    assert found.transformer == models / "diffusion_models" / "z_image_turbo_bf16.safetensors"
+    assert found.text_encoder == models / "text_encoders" / "qwen_3_4b.safetensors"
+    assert found.vae == tmp_path / "other_vae.safetensors"  # given files win
+    (models / "diffusion_models" / "z_image_base_bf16.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="several candidates.*z_image_base.*--transformer"):
+        find_models(models)
+
+
+def test_bad_sizes_and_strength_are_clear(tmp_path):
+    result = generate("--model", "tiny-random", "--prompt", "x", "--size", "30x30", "--out", tmp_path / "x.png")
+    assert result.returncode == 1 and "multiples of 4" in result.stderr
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    result = generate("--model", "tiny-random", "--prompt", "x", "--size", "32x32", "--steps", "4", "--init-image",
+                      tmp_path / "in.png", "--strength", "0.0", "--out", tmp_path / "x.png")  # fmt: skip
+    assert result.returncode == 1 and "leaves no step to run" in result.stderr

@@ -1,0 +1,184 @@
+"""From prompts to images: find the three models, run them one at a time, sample as the references sample.
+
+Memory schedule: the text encoder is loaded, encodes, and is released before the transformer is loaded; the
+transformer is released before the VAE decodes. So peak memory is the largest model plus activations, not the
+sum of the three.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError
+from .loaders import LOADERS
+from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_index
+
+TINY_RANDOM = "tiny-random"
+# Where ComfyUI keeps each model, and the released file names looked for first there.
+COMFY_FOLDERS = {
+    "transformer": (("diffusion_models", "unet"), ("z_image", "zimage", "z-image")),
+    "text_encoder": (("text_encoders", "clip"), ("qwen_3_4b", "qwen3_4b", "qwen3-4b")),
+    "vae": (("vae",), ("ae.", "flux", "z_image", "zimage")),
+}
+FLAGS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
+
+
+@dataclass
+class Models:
+    """Where each model is: a file or folder, or `TINY_RANDOM` for small random weights (no files needed)."""
+
+    transformer: str | Path
+    text_encoder: str | Path
+    vae: str | Path
+
+
+def find_models(model: str | Path | None, **given: str | Path | None) -> Models:
+    """Resolve `model` (a diffusers pipeline folder, a ComfyUI `models/` folder, or `tiny-random`) and any files
+    given per component (`transformer=`, `text_encoder=`, `vae=`, which win)."""
+    found = {}
+    for component, (folders, names) in COMFY_FOLDERS.items():
+        if given.get(component):
+            found[component] = given[component]
+        elif str(model) == TINY_RANDOM:
+            found[component] = TINY_RANDOM
+        elif model is None:
+            raise CheckpointError(f"no {component.replace('_', ' ')}: pass --model or {FLAGS[component]} FILE")
+        else:
+            found[component] = find_component(Path(model).expanduser(), component, folders, names)
+    return Models(**found)
+
+
+def find_component(root: Path, component: str, folders: tuple[str, ...], names: tuple[str, ...]) -> Path:
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such folder (--model takes a diffusers pipeline or ComfyUI models folder)")
+    if (root / component).is_dir():  # diffusers pipeline folder
+        return root / component
+    for folder in (root / f for f in folders if (root / f).is_dir()):
+        files = sorted(folder.rglob("*.safetensors"))
+        for name in names:
+            matches = [f for f in files if name in f.name.lower()]
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                raise CheckpointError(
+                    f"{folder}: several candidates for the {component.replace('_', ' ')} "
+                    f"({', '.join(f.name for f in matches)}); pick one with {FLAGS[component]} FILE"
+                )
+    expected = " or ".join(f"{root / f}/" for f in folders)
+    raise CheckpointError(
+        f"{root}: no {component.replace('_', ' ')} found: expected a {component}/ folder (diffusers) or a file named "
+        f"like *{names[0]}*.safetensors in {expected}; pass {FLAGS[component]} FILE to name it"
+    )
+
+
+def tiny_random(component: str, device, dtype):
+    """Small random-weight stand-ins with the real architecture, for trying the whole path without weights."""
+    from transformers import Qwen3Config
+
+    from .text_encoder import TextEncoder, load_tokenizer
+    from .transformer import TransformerConfig, ZImageTransformer
+    from .vae import VAE, VAEConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if component == "transformer":
+            cfg = TransformerConfig(dim=64, n_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
+                                    axes_dims=(8, 12, 12))  # fmt: skip
+            model = ZImageTransformer(cfg)
+            for p in (model.x_pad_token, model.cap_pad_token):
+                p.data.normal_()
+        elif component == "text_encoder":
+            config = Qwen3Config(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, vocab_size=151936, attn_implementation="sdpa",
+            )  # fmt: skip
+            model = TextEncoder(config, load_tokenizer())
+        else:
+            model = VAE(VAEConfig(block_out_channels=(32, 32), layers_per_block=1))
+    return model.to(device, dtype if component != "vae" else torch.float32).eval().requires_grad_(False)
+
+
+def load(component: str, path, device, dtype):
+    if str(path) == TINY_RANDOM:
+        return tiny_random(component, device, dtype)
+    return LOADERS[component](path, device, dtype if component != "vae" else torch.float32)
+
+
+def release(model_device):
+    gc.collect()
+    if torch.device(model_device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Result:
+    images: torch.Tensor  # (B, H, W, 3) in [0, 1]
+    latents: torch.Tensor  # (B, 16, H / 8, W / 8), the autoencoder's own (as ComfyUI's LATENT holds them)
+    dropped: tuple[int, ...]  # prompt tokens cut by the maximum length, per prompt
+
+
+def generate(
+    models: Models,
+    prompts: list[str],
+    negatives: list[str] | None = None,
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 8,
+    cfg: float = 1.0,
+    seeds: list[int] | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    init_images: torch.Tensor | None = None,
+    strength: float = 1.0,
+    masks: torch.Tensor | None = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Result:
+    """Text-to-image, img2img (`init_images`, `strength`) or inpaint (`masks` (B, H, W), 1 = repaint).
+
+    `cfg` is ComfyUI's (1 = off; the references' guidance scale is cfg - 1); with it on, `negatives` default to "".
+    Each image has its own seed (default 0, 1, ...), drawn as diffusers draws per-image generators.
+    """
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    scale = cfg - 1
+    encoder = load("text_encoder", models.text_encoder, device, dtype)
+    cond = encoder.encode(prompts)
+    uncond = encoder.encode(negatives or [""] * len(prompts)) if scale > 0 else None
+    del encoder
+    release(device)
+
+    vae = load("vae", models.vae, device, dtype)
+    multiple = 2 * vae.cfg.factor
+    if width % multiple or height % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple} for this model, got {width}x{height}")
+    schedule = sigmas(steps)
+    shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
+    inpaint = None
+    if init_images is None:
+        latents = noise(shape, seeds)
+    else:
+        if init_images.shape[1:3] != (height, width):
+            init_images = F.interpolate(init_images.movedim(-1, 1), size=(height, width), mode="bicubic")
+            init_images = init_images.clamp(0, 1).movedim(1, -1)
+        clean, start = encode_with_noise(vae, init_images.expand(len(seeds), -1, -1, -1), seeds)
+        schedule = schedule[start_index(steps, strength) :]
+        latents = noised(clean, start, schedule[0])
+        if masks is not None:
+            mask = F.interpolate((masks[:, None].float() >= 0.5).float(), size=shape[1:], mode="nearest")
+            inpaint = (clean, start, mask.expand(len(seeds), -1, -1, -1))
+
+    transformer = load("transformer", models.transformer, device, dtype)
+    latents = sample(transformer, latents, cond, uncond, schedule, scale, callback=callback, cancelled=cancelled,
+                     inpaint=inpaint)  # fmt: skip
+    del transformer
+    release(device)
+    z = vae.denormalize(latents)
+    return Result(vae.decode(z), z.cpu(), cond.dropped)
