@@ -46,8 +46,8 @@ def test_readme_command_on_tiny_random_weights(tmp_path):
         24,
         32,
     )
-    again = generate("--model", "tiny-random", "--prompt", "一只猫 on a windowsill", "--size", "64x48", "--steps", "3",
-                     "--seed", "5", "--out", tmp_path / "again.png")  # fmt: skip
+    again = generate("--model", "tiny-random", "--prompt", "一只猫 on a windowsill", "--size", "64x48",
+                     "--steps", "3", "--seed", "5", "--out", tmp_path / "again.png")  # fmt: skip
     assert again.returncode == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(image))  # same seed, same image
 
@@ -82,8 +82,8 @@ def test_a_missing_model_says_what_file_is_expected(tmp_path):
 
 def test_comfyui_models_folder_is_searched_by_released_names(tmp_path):
     models = tmp_path / "models"
-    for folder, name in (("diffusion_models", "z_image_turbo_bf16.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
-                         ("text_encoders", "clip_l.safetensors"), ("vae", "ae.safetensors")):  # fmt: skip
+    for folder, name in (("diffusion_models", "z_image_turbo_bf16.safetensors"), ("vae", "ae.safetensors"),
+                         ("text_encoders", "qwen_3_4b.safetensors"), ("text_encoders", "clip_l.safetensors")):  # fmt: skip
         (models / folder).mkdir(parents=True, exist_ok=True)
         (models / folder / name).write_bytes(b"")
     found = find_models(models, vae=tmp_path / "other_vae.safetensors")
@@ -102,3 +102,14 @@ def test_bad_sizes_and_strength_are_clear(tmp_path):
     result = generate("--model", "tiny-random", "--prompt", "x", "--size", "32x32", "--steps", "4", "--init-image",
                       tmp_path / "in.png", "--strength", "0.0", "--out", tmp_path / "x.png")  # fmt: skip
     assert result.returncode == 1 and "leaves no step to run" in result.stderr
+
+
+def test_seed_variety_changes_the_image_and_keeps_seeds_reproducible(tmp_path):
+    base = ["--model", "tiny-random", "--prompt", "a cat", "--size", "32x32", "--steps", "3", "--seed", "9"]
+    outputs = {}
+    for name, extra in (("plain", []), ("varied", ["--variety", "0.8"]), ("varied_again", ["--variety", "0.8"])):
+        assert generate(*base, *extra, "--out", tmp_path / f"{name}.png").returncode == 0
+        outputs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(outputs["varied"], outputs["varied_again"])
+    assert not np.array_equal(outputs["varied"], outputs["plain"])
+    assert json.loads(Image.open(tmp_path / "varied.png").info["parameters"])["variety"] == [0.8, 2]

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
 from zimage_core.pipeline import find_models, generate
-from zimage_core.sampling import encode_with_noise, noise, noised, sample, sigmas, start_index
+from zimage_core.sampling import encode_with_noise, noise, noised, sample, sigmas, start_index, vary
 from zimage_core.text_encoder import BUNDLED_TOKENIZER
 
 # diffusers' pipeline-test transformer (tests/pipelines/z_image/test_z_image.py)
@@ -150,3 +150,44 @@ def test_generate_from_a_pipeline_folder_equals_diffusers(components):
                       seeds=seeds, dtype=torch.float32)  # fmt: skip
     assert result.images.shape == (2, 32, 48, 3) and result.latents.shape == (2, 16, 16, 24)
     assert (result.images - torch.from_numpy(expected)).abs().max() <= 2 / 255
+
+
+class Spy:
+    """A transformer stand-in that records the captions of every evaluation, and can refuse 2B batches."""
+
+    def __init__(self, model, refuse_batch: int | None = None):
+        self.model, self.refuse_batch, self.captions = model, refuse_batch, []
+        self.x_embedder, self.dtype = model.x_embedder, model.dtype
+
+    def __call__(self, x, t, captions, lengths):
+        if x.shape[0] == self.refuse_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.captions.append(captions)
+        return self.model(x, t, captions, lengths)
+
+
+def test_seed_variety_perturbs_only_the_first_evaluations_deterministically(components):
+    _, (transformer, encoder, _), _ = components
+    cond, seeds = encoder.encode(["dance monkey", "dance monkey"]), [11, 12]
+    varied = vary(cond, seeds, 0.5)
+    assert torch.equal(varied.features, vary(cond, seeds, 0.5).features)  # a seed always gives the same noise
+    assert not torch.equal(varied.features[0], varied.features[1])  # and different seeds different noise
+    rms = cond.features[0, : cond.lengths[0]].square().mean().sqrt()
+    jitter = (varied.features[0, : cond.lengths[0]] - cond.features[0, : cond.lengths[0]]).square().mean().sqrt()
+    assert 0.4 < jitter / rms < 0.6 and not varied.features[0, cond.lengths[0] :].any()
+    spy = Spy(transformer)
+    start = noise((16, 8, 8), seeds)
+    out = sample(spy, start, cond, schedule=sigmas(4), variety=(varied, 2))
+    assert [torch.equal(c, varied.features) for c in spy.captions] == [True, True, False, False]
+    assert not torch.allclose(out, sample(transformer, start, cond, schedule=sigmas(4)))
+    assert torch.equal(sample(transformer, start, cond, schedule=sigmas(4), variety=(vary(cond, seeds, 0.0), 2)),
+                       sample(transformer, start, cond, schedule=sigmas(4)))  # fmt: skip
+
+
+def test_guidance_runs_cond_and_uncond_apart_when_the_batch_does_not_fit(components):
+    _, (transformer, encoder, _), _ = components
+    cond, uncond = encoder.encode(["dance monkey"]), encoder.encode(["bad quality, blurry and dark"])
+    start = noise((16, 8, 8), [2])
+    together = sample(transformer, start, cond, uncond, sigmas(3), 2.0)
+    apart = sample(Spy(transformer, refuse_batch=2), start, cond, uncond, sigmas(3), 2.0)
+    assert (apart - together).abs().max() <= 1e-4

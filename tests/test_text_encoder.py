@@ -157,7 +157,8 @@ def qwen25_chat_template_tokenizer(tmp_path):
     shutil.copytree(BUNDLED_TOKENIZER, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = (
-        "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+        "{%- if messages[0]['role'] != 'system' %}"
+        "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
         "{%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content']"
         " + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )

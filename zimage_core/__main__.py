@@ -91,7 +91,7 @@ def report(info: dict) -> str:
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)"),
         ("held", f"{info['held_bytes'] / gb:.2f} GB on {info['device']}, computing in {info['dtype']}"),
         ("load time", f"{info['load_seconds']:.1f} s"),
-        ("peak RSS", f"{info['peak_rss_bytes'] / gb:.2f} GB ({info['peak_rss_bytes'] / info['held_bytes']:.2f} x held)"),
+        ("peak RSS", f"{info['peak_rss_bytes'] / gb:.2f} GB ({info['peak_rss_bytes'] / info['held_bytes']:.2f}x held)"),
     ]  # fmt: skip
     return "\n".join(f"{key:<13} {value}" for key, value in rows) + "\n"
 
@@ -122,7 +122,7 @@ def generate(args) -> int:
     result = pipeline_generate(
         models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype], init, args.strength, mask,
-        callback=progress,
+        args.variety, args.variety_steps, callback=progress,
     )  # fmt: skip
     bar.close()
     out = Path(args.out)
@@ -133,6 +133,7 @@ def generate(args) -> int:
         params = {
             "prompt": args.prompt, "negative": args.negative, "size": f"{width}x{height}", "steps": args.steps,
             "cfg": args.cfg, "seed": seed, "strength": args.strength if init is not None else None,
+            "variety": [args.variety, args.variety_steps] if args.variety else None,
             "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
         }  # fmt: skip
         info.add_text("parameters", json.dumps(params, ensure_ascii=False))
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="images to generate")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16; the VAE runs in fp32)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--variety", type=float, default=0.0, help="Turbo seed variety: prompt noise strength (0 = off)")
+    p.add_argument("--variety-steps", type=int, default=2, help="evaluations that see the varied prompt (default 2)")
     p.add_argument("--init-image", help="img2img: start from this image")
     p.add_argument(
         "--strength", type=float, default=0.6, help="img2img/inpaint: how much to change (ComfyUI's denoise)"

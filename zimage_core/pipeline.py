@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError
 from .loaders import LOADERS
-from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_index
+from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_index, vary
 
 TINY_RANDOM = "tiny-random"
 # Where ComfyUI keeps each model, and the released file names looked for first there.
@@ -137,6 +137,8 @@ def generate(
     init_images: torch.Tensor | None = None,
     strength: float = 1.0,
     masks: torch.Tensor | None = None,
+    variety: float = 0.0,
+    variety_steps: int = 2,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> Result:
@@ -144,6 +146,8 @@ def generate(
 
     `cfg` is ComfyUI's (1 = off; the references' guidance scale is cfg - 1); with it on, `negatives` default to "".
     Each image has its own seed (default 0, 1, ...), drawn as diffusers draws per-image generators.
+    `variety` > 0 (Turbo's seed variety, off by default) perturbs the prompt's features with seeded noise of that
+    relative strength for the first `variety_steps` evaluations (0.3-0.6 and 2 are good starting points).
     """
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
@@ -176,8 +180,9 @@ def generate(
             inpaint = (clean, start, mask.expand(len(seeds), -1, -1, -1))
 
     transformer = load("transformer", models.transformer, device, dtype)
+    varied = (vary(cond, seeds, variety), variety_steps) if variety > 0 else None
     latents = sample(transformer, latents, cond, uncond, schedule, scale, callback=callback, cancelled=cancelled,
-                     inpaint=inpaint)  # fmt: skip
+                     inpaint=inpaint, variety=varied)  # fmt: skip
     del transformer
     release(device)
     z = vae.denormalize(latents)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .text_encoder import Embeddings
 
 SHIFT = 3.0  # Z-Image's scheduler_config.json (Turbo; ComfyUI uses it for every Z-Image model)
+VARIETY_SEED_OFFSET = 7919  # seed variety draws from seed + this, a stream apart from the latent noise's
 
 
 def sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
@@ -59,6 +60,22 @@ def encode_with_noise(vae, images: torch.Tensor, seeds: list[int]) -> tuple[torc
     return torch.cat(latents), torch.cat(noises)
 
 
+def vary(cond: Embeddings, seeds: list[int], strength: float) -> Embeddings:
+    """Turbo's seed variety: the caption features plus seeded Gaussian noise, `strength` times each prompt's RMS.
+
+    Turbo gives near-identical images for different seeds; conditioning that differs per seed for the first
+    evaluations (`sample(..., variety=(vary(...), k))`) spreads the compositions and leaves the details to the
+    clean prompt. The noise comes from its own generator per seed, so a seed always gives the same image.
+    """
+    features = cond.features.clone()
+    for i, (seed, n) in enumerate(zip(seeds, cond.lengths)):
+        real = features[i, :n].float()
+        generator = torch.Generator().manual_seed(seed + VARIETY_SEED_OFFSET)
+        jitter = torch.randn(real.shape, generator=generator).to(real.device)
+        features[i, :n] = (real + strength * real.square().mean().sqrt() * jitter).to(features.dtype)
+    return Embeddings(features, cond.lengths, cond.dropped)
+
+
 def batch(*parts: Embeddings) -> tuple[torch.Tensor, list[int]]:
     """Caption features of several Embeddings as one right-padded batch, and every item's length."""
     longest = max(p.features.shape[1] for p in parts)
@@ -79,6 +96,7 @@ def sample(
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    variety: tuple[Embeddings, int] | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) from `schedule[0]` down to `schedule[-1]`; returns float32 latents.
 
@@ -88,12 +106,20 @@ def sample(
     step; `cancelled()` is asked before each evaluation and stops with `InterruptedError`.
     `inpaint` = (clean latents, noise, mask (B, 1, h, w), 1 = repaint): after each step the kept region is put back
     at the next noise level (clean after the last step), as diffusers' inpaint pipeline does.
+    `variety` = (perturbed cond from `vary`, k): the first k evaluations see it instead of `cond`.
+    When the 2B guided batch runs out of CUDA memory, cond and uncond run one after the other.
     """
     schedule = sigmas(8) if schedule is None else schedule
     device, dtype = model.x_embedder.weight.device, model.dtype
     guided = scale > 0 and uncond is not None
-    captions, lengths = batch(cond, uncond) if guided else batch(cond)
-    captions = captions.to(device)
+
+    def prepare(first: Embeddings) -> tuple[torch.Tensor, list[int]]:
+        captions, lengths = batch(first, uncond) if guided else batch(first)
+        return captions.to(device), lengths
+
+    plain = prepare(cond)
+    varied, varied_steps = (prepare(variety[0]), variety[1]) if variety is not None else (plain, 0)
+    n = len(cond.lengths)
     x = latents.to(device, torch.float32)
     timesteps = schedule.to(device) * 1000
     total = len(schedule) - 1
@@ -102,17 +128,19 @@ def sample(
         if cancelled is not None and cancelled():
             raise InterruptedError(f"cancelled before step {i + 1} of {total}")
         t = ((1000 - timesteps[i]) / 1000).expand(x.shape[0])
-        step_guided = guided and float(t[0]) <= truncation
-        if step_guided:
-            out = model(x.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), captions, lengths).float()
-            pos, neg = out.chunk(2)
+        captions, lengths = varied if i < varied_steps else plain
+        if guided and float(t[0]) <= truncation:
+            try:
+                pos, neg = model(x.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), captions, lengths).float().chunk(2)
+            except torch.cuda.OutOfMemoryError:  # one after the other when the batch of 2B does not fit
+                pos = model(x.to(dtype), t, captions[:n], lengths[:n]).float()
+                neg = model(x.to(dtype), t, captions[n:], lengths[n:]).float()
             v = pos + scale * (pos - neg)
             if normalization > 0:
                 limit = pos.flatten(1).norm(dim=1) * normalization
                 norm = v.flatten(1).norm(dim=1)
                 v = v * torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None, None, None]
         else:
-            n = len(cond.lengths)
             v = model(x.to(dtype), t, captions[:n, : max(lengths[:n])], lengths[:n]).float()
         x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
         if callback is not None:
