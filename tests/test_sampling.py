@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
-from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 from helpers import QWEN3_TINY, REAL, VAE_TINY, reference_qwen3, reference_transformer, reference_vae
 from transformers import AutoTokenizer
 
@@ -22,9 +22,11 @@ PIPELINE_TRANSFORMER = dict(REAL, dim=32, n_layers=2, n_refiner_layers=1, n_head
 def test_sigmas_equal_diffusers_for_1_to_50_steps(shift):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     for steps in range(1, 51):
-        scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=0.5)
-        assert torch.equal(sigmas(steps, shift), scheduler.sigmas), steps
-        assert torch.equal(sigmas(steps, shift)[:-1] * 1000, scheduler.timesteps), steps
+        for side in (512, 1024, 2048):  # the pipeline's resolution-dependent mu, which this static schedule ignores
+            mu = calculate_shift((side // 16) ** 2, 256, 4096, 0.5, 1.15)
+            scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=mu)
+            assert torch.equal(sigmas(steps, shift), scheduler.sigmas), (steps, side)
+            assert torch.equal(sigmas(steps, shift)[:-1] * 1000, scheduler.timesteps), (steps, side)
 
 
 @pytest.fixture(scope="module")

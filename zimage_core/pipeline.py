@@ -20,6 +20,7 @@ from .loaders import LOADERS
 from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_index, vary
 
 TINY_RANDOM = "tiny-random"
+PATCH = 2  # every released Z-Image transformer's; checked against the loaded one before sampling
 # Where ComfyUI keeps each model, and the released file names looked for first there.
 COMFY_FOLDERS = {
     "transformer": (("diffusion_models", "unet"), ("z_image", "zimage", "z-image")),
@@ -116,6 +117,17 @@ def release(model_device):
         torch.cuda.empty_cache()
 
 
+def check_size(width: int, height: int, cell: int, most: tuple[int, int] | None = None):
+    """Images are whole patches of latent pixels (`cell` image pixels), and at most `most` patches across/down
+    (the transformer's RoPE table)."""
+    if width % cell or height % cell or min(width, height) < cell:
+        raise ValueError(f"width and height must be multiples of {cell} for this model, got {width}x{height}")
+    if most is not None and (width // cell > most[0] or height // cell > most[1]):
+        raise ValueError(
+            f"{width}x{height} is beyond this model's position table: at most {most[0] * cell}x{most[1] * cell}"
+        )
+
+
 @dataclass
 class Result:
     images: torch.Tensor  # (B, H, W, 3) in [0, 1]
@@ -153,16 +165,14 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     scale = cfg - 1
+    vae = load("vae", models.vae, device, dtype)  # small, and it tells the size rules before anything slow runs
+    check_size(width, height, vae.cfg.factor * PATCH)
     encoder = load("text_encoder", models.text_encoder, device, dtype)
     cond = encoder.encode(prompts)
     uncond = encoder.encode(negatives or [""] * len(prompts)) if scale > 0 else None
     del encoder
     release(device)
 
-    vae = load("vae", models.vae, device, dtype)
-    multiple = 2 * vae.cfg.factor
-    if width % multiple or height % multiple:
-        raise ValueError(f"width and height must be multiples of {multiple} for this model, got {width}x{height}")
     schedule = sigmas(steps)
     shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
     inpaint = None
@@ -180,6 +190,8 @@ def generate(
             inpaint = (clean, start, mask.expand(len(seeds), -1, -1, -1))
 
     transformer = load("transformer", models.transformer, device, dtype)
+    _, rows, cols = transformer.cfg.axes_lens
+    check_size(width, height, vae.cfg.factor * transformer.cfg.patch_size, (cols, rows))
     varied = (vary(cond, seeds, variety), variety_steps) if variety > 0 else None
     latents = sample(transformer, latents, cond, uncond, schedule, scale, callback=callback, cancelled=cancelled,
                      inpaint=inpaint, variety=varied)  # fmt: skip
