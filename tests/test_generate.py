@@ -62,8 +62,9 @@ def test_img2img_and_inpaint_with_a_batch(tmp_path):
     result = generate(*common, "--strength", "0.5", "--out", tmp_path / "i2i.png")
     assert result.returncode == 0, result.stderr
     assert "2/2" in result.stderr  # strength 0.5 of 4 steps runs 2
-    result = generate(*common, "--strength", "1.0", "--mask", tmp_path / "mask.png", "--out", tmp_path / "inpaint.png")
+    result = generate(*common, "--mask", tmp_path / "mask.png", "--out", tmp_path / "inpaint.png")
     assert result.returncode == 0, result.stderr
+    assert "4/4" in result.stderr  # inpaint's default strength is diffusers' 1.0: every step runs
     original = np.asarray(Image.open(tmp_path / "in.png")).astype(int)
     for i in range(2):
         out = np.asarray(Image.open(tmp_path / f"inpaint_{i:02d}.png")).astype(int)

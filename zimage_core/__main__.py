@@ -113,6 +113,7 @@ def generate(args) -> int:
     mask = read_image(args.mask, "L")[..., 0] if args.mask else None
     if mask is not None and init is None:
         raise ValueError("--mask needs --init-image: the mask says which part of that image to repaint")
+    strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.6)  # diffusers
     bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
 
     def progress(step: int, total: int, x0: torch.Tensor):
@@ -121,7 +122,7 @@ def generate(args) -> int:
 
     result = pipeline_generate(
         models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
-        width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype], init, args.strength, mask,
+        width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype], init, strength, mask,
         args.variety, args.variety_steps, callback=progress,
     )  # fmt: skip
     bar.close()
@@ -132,7 +133,7 @@ def generate(args) -> int:
         info = PngInfo()
         params = {
             "prompt": args.prompt, "negative": args.negative, "size": f"{width}x{height}", "steps": args.steps,
-            "cfg": args.cfg, "seed": seed, "strength": args.strength if init is not None else None,
+            "cfg": args.cfg, "seed": seed, "strength": strength if init is not None else None,
             "variety": [args.variety, args.variety_steps] if args.variety else None,
             "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
         }  # fmt: skip
@@ -187,9 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--variety", type=float, default=0.0, help="Turbo seed variety: prompt noise strength (0 = off)")
     p.add_argument("--variety-steps", type=int, default=2, help="evaluations that see the varied prompt (default 2)")
     p.add_argument("--init-image", help="img2img: start from this image")
-    p.add_argument(
-        "--strength", type=float, default=0.6, help="img2img/inpaint: how much to change (ComfyUI's denoise)"
-    )
+    p.add_argument("--strength", type=float, help="how much to change, ComfyUI's denoise (img2img 0.6, inpaint 1.0)")
     p.add_argument("--mask", help="inpaint: grayscale image, white = repaint (needs --init-image)")
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
