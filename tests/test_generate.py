@@ -84,9 +84,11 @@ def test_a_missing_model_says_what_file_is_expected(tmp_path):
 def test_comfyui_models_folder_is_searched_by_released_names(tmp_path):
     models = tmp_path / "models"
     for folder, name in (("diffusion_models", "z_image_turbo_bf16.safetensors"), ("vae", "ae.safetensors"),
-                         ("text_encoders", "qwen_3_4b.safetensors"), ("text_encoders", "clip_l.safetensors")):  # fmt: skip
+                         ("text_encoders", "qwen_3_4b.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                         ("vae", "sdxl_vae.safetensors")):  # fmt: skip
         (models / folder).mkdir(parents=True, exist_ok=True)
         (models / folder / name).write_bytes(b"")
+    assert find_models(models).vae == models / "vae" / "ae.safetensors"  # not sdxl_vae.safetensors
     found = find_models(models, vae=tmp_path / "other_vae.safetensors")
     assert found.transformer == models / "diffusion_models" / "z_image_turbo_bf16.safetensors"
     assert found.text_encoder == models / "text_encoders" / "qwen_3_4b.safetensors"

@@ -1,8 +1,8 @@
 """From prompts to images: find the three models, run them one at a time, sample as the references sample.
 
-Memory schedule: the text encoder is loaded, encodes, and is released before the transformer is loaded; the
-transformer is released before the VAE decodes. So peak memory is the largest model plus activations, not the
-sum of the three.
+Memory schedule: the VAE (small) is loaded first and tells the size rules; the text encoder is loaded, encodes, and
+is released before the transformer is loaded; the transformer is released before the VAE decodes. So peak memory
+is the largest model plus activations, not the sum of the three.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_in
 
 TINY_RANDOM = "tiny-random"
 PATCH = 2  # every released Z-Image transformer's; checked against the loaded one before sampling
-# Where ComfyUI keeps each model, and the released file names looked for first there.
+# Where ComfyUI keeps each model, and how the released files' names begin, most specific first.
 COMFY_FOLDERS = {
     "transformer": (("diffusion_models", "unet"), ("z_image", "zimage", "z-image")),
     "text_encoder": (("text_encoders", "clip"), ("qwen_3_4b", "qwen3_4b", "qwen3-4b")),
-    "vae": (("vae",), ("ae.", "flux", "z_image", "zimage")),
+    "vae": (("vae",), ("ae.safetensors", "flux", "z_image", "zimage")),
 }
 FLAGS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
 
@@ -58,12 +58,12 @@ def find_models(model: str | Path | None, **given: str | Path | None) -> Models:
 def find_component(root: Path, component: str, folders: tuple[str, ...], names: tuple[str, ...]) -> Path:
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such folder (--model takes a diffusers pipeline or ComfyUI models folder)")
-    if (root / component).is_dir():  # diffusers pipeline folder
+    if (root / component / "config.json").is_file():  # diffusers pipeline folder (ComfyUI's vae/ has no config)
         return root / component
     for folder in (root / f for f in folders if (root / f).is_dir()):
         files = sorted(folder.rglob("*.safetensors"))
         for name in names:
-            matches = [f for f in files if name in f.name.lower()]
+            matches = [f for f in files if f.name.lower().startswith(name)]
             if len(matches) == 1:
                 return matches[0]
             if matches:
@@ -74,7 +74,7 @@ def find_component(root: Path, component: str, folders: tuple[str, ...], names: 
     expected = " or ".join(f"{root / f}/" for f in folders)
     raise CheckpointError(
         f"{root}: no {component.replace('_', ' ')} found: expected a {component}/ folder (diffusers) or a file named "
-        f"like *{names[0]}*.safetensors in {expected}; pass {FLAGS[component]} FILE to name it"
+        f"{names[0].removesuffix('.safetensors')}*.safetensors in {expected}; pass {FLAGS[component]} FILE to name it"
     )
 
 
