@@ -14,10 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import Qwen3Config
 
 from .checkpoint import CheckpointError
 from .loaders import LOADERS
 from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_index, vary
+from .text_encoder import TextEncoder, load_tokenizer
+from .transformer import TransformerConfig, ZImageTransformer
+from .vae import VAE, VAEConfig
 
 TINY_RANDOM = "tiny-random"
 PATCH = 2  # every released Z-Image transformer's; checked against the loaded one before sampling
@@ -80,12 +84,6 @@ def find_component(root: Path, component: str, folders: tuple[str, ...], names: 
 
 def tiny_random(component: str, device, dtype):
     """Small random-weight stand-ins with the real architecture, for trying the whole path without weights."""
-    from transformers import Qwen3Config
-
-    from .text_encoder import TextEncoder, load_tokenizer
-    from .transformer import TransformerConfig, ZImageTransformer
-    from .vae import VAE, VAEConfig
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if component == "transformer":
@@ -102,13 +100,14 @@ def tiny_random(component: str, device, dtype):
             model = TextEncoder(config, load_tokenizer())
         else:
             model = VAE(VAEConfig(block_out_channels=(32, 32), layers_per_block=1))
-    return model.to(device, dtype if component != "vae" else torch.float32).eval().requires_grad_(False)
+    return model.to(device, dtype).eval().requires_grad_(False)
 
 
 def load(component: str, path, device, dtype):
+    dtype = torch.float32 if component == "vae" else dtype  # the VAE runs in fp32, as the official pipeline does
     if str(path) == TINY_RANDOM:
         return tiny_random(component, device, dtype)
-    return LOADERS[component](path, device, dtype if component != "vae" else torch.float32)
+    return LOADERS[component](path, device, dtype)
 
 
 def release(model_device):
