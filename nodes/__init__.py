@@ -1,8 +1,27 @@
-"""ComfyUI glue: thin node classes over `zimage_core`, registered here.
+"""ComfyUI glue: thin V3-schema nodes over `zimage_core`, pinned to `comfy_api.v0_0_2` (ComfyUI 0.3.64 and 0.8.0)."""
 
-The node set (loaders, text encode, sampler, VAE, edit conditioning) is not built yet; until it is, the pack
-registers no nodes rather than placeholders.
-"""
+from comfy_api.v0_0_2 import ComfyExtension
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .loaders import ZImageTextEncoderLoader, ZImageTransformerLoader, ZImageVAELoader
+from .sampler import ZImageSampler
+from .text_encode import ZImageTextEncode
+from .vae import ZImageVAEDecode, ZImageVAEEncode
+
+NODES = [
+    ZImageTransformerLoader,
+    ZImageTextEncoderLoader,
+    ZImageVAELoader,
+    ZImageTextEncode,
+    ZImageSampler,
+    ZImageVAEDecode,
+    ZImageVAEEncode,
+]
+
+
+class ZImageExtension(ComfyExtension):
+    async def get_node_list(self):
+        return NODES
+
+
+async def comfy_entrypoint() -> ZImageExtension:
+    return ZImageExtension()

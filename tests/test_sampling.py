@@ -88,7 +88,7 @@ def test_text_to_image_equals_diffusers_pipeline(components, steps, scale, negat
     start = noise((16, 16, 16), seeds)
     latents = sample(transformer, start, cond, uncond, sigmas(steps), scale, truncation, normalization)
     assert (latents - expected).abs().max() <= 1e-4
-    image = vae.decode(vae.denormalize(latents))
+    image = vae.decode(vae.cfg.denormalize(latents))
     assert (image - expected_image).abs().max() <= 2 / 255
 
 
@@ -118,7 +118,7 @@ def test_img2img_and_inpaint_equal_diffusers_pipelines(components, kind, strengt
     cond, uncond = encoder.encode(prompts), encoder.encode(negatives)
     latents = sample(transformer, noised(clean, start, schedule[0]), cond, uncond, schedule, 2.0, inpaint=inpaint)
     assert (latents - expected).abs().max() <= 1e-4
-    assert (vae.decode(vae.denormalize(latents)) - expected_image).abs().max() <= 2 / 255
+    assert (vae.decode(vae.cfg.denormalize(latents)) - expected_image).abs().max() <= 2 / 255
 
 
 def test_strength_that_leaves_no_step_is_refused():

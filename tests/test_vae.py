@@ -120,7 +120,9 @@ def test_normalize_is_the_pipelines_scaling(tiny_ref, tiny_layouts):
     vae = load_vae(tiny_layouts["diffusers folder"])
     z = latents(1, 4, 4)
     expected = (z - tiny_ref.config.shift_factor) * tiny_ref.config.scaling_factor  # diffusers' img2img pipeline
-    assert torch.allclose(vae.normalize(z), expected) and torch.allclose(vae.denormalize(expected), z, atol=1e-6)
+    assert torch.allclose(vae.cfg.normalize(z), expected) and torch.allclose(
+        vae.cfg.denormalize(expected), z, atol=1e-6
+    )
 
 
 def test_bf16_stays_close_to_fp32(tiny_layouts):

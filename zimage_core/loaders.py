@@ -9,7 +9,10 @@ naming what it is when it is something else. Reading files and filling models is
 from __future__ import annotations
 
 import json
+import os
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -441,3 +444,60 @@ def load_vae(
 
 
 LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}
+
+
+# ---- finding and keeping models in a ComfyUI install ----
+
+WEIGHTS = (".safetensors", ".sft")
+
+
+def model_choices(roots: list[str | Path], component: str) -> dict[str, Path]:
+    """What a loader offers from model folders `roots`: weight files, and diffusers folders as one entry each.
+
+    Names are relative to their root with `/` separators; the first root holding a name wins.
+    """
+    found: dict[str, Path] = {}
+    for root in map(Path, roots):
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            here = Path(folder)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if here != root and ((here / "model_index.json").is_file() or (here / component / "config.json").is_file()):
+                dirs[:] = []  # a pipeline folder: listed when it has this component
+                if (here / component).is_dir():
+                    found.setdefault(here.relative_to(root).as_posix(), here)
+                continue
+            if here != root and (here / "config.json").is_file() and any(f.endswith(WEIGHTS) for f in files):
+                dirs[:] = []  # one diffusers model folder (its shards are not listed one by one)
+                found.setdefault(here.relative_to(root).as_posix(), here)
+                continue
+            for f in sorted(files):
+                if f.endswith(WEIGHTS):
+                    found.setdefault((here / f).relative_to(root).as_posix(), here / f)
+    return dict(sorted(found.items()))
+
+
+def stamp(path: str | Path) -> tuple:
+    """What changes when the model at `path` is replaced: each weight and config file's name, size, time, inode."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in (*WEIGHTS, ".json"))
+    return tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
+
+
+class ModelCache:
+    """Loaded models by kind, path, options and file stamp, for as long as something else holds them.
+
+    Asking again while a model is alive returns it; a replaced file (new stamp) is read again. Nothing is kept
+    alive here: ComfyUI's own caches decide how long a model lives, so memory goes back when they drop it.
+    A load that fails stores nothing.
+    """
+
+    def __init__(self):
+        self.alive: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def get(self, kind: str, path: str | Path, options: tuple, build: Callable[[], object]):
+        key = (kind, str(path), options, stamp(path))
+        model = self.alive.get(key)
+        if model is None:
+            model = build()
+            self.alive[key] = model
+        return model

@@ -18,13 +18,12 @@ from transformers import Qwen3Config
 
 from .checkpoint import CheckpointError
 from .loaders import LOADERS
-from .sampling import encode_with_noise, noise, noised, sample, sigmas, start_index, vary
+from .sampling import PATCH, check_size, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import VAE, VAEConfig
 
 TINY_RANDOM = "tiny-random"
-PATCH = 2  # every released Z-Image transformer's; checked against the loaded one before sampling
 # Where ComfyUI keeps each model, and how the released files' names begin, most specific first.
 COMFY_FOLDERS = {
     "transformer": (("diffusion_models", "unet"), ("z_image", "zimage", "z-image")),
@@ -116,17 +115,6 @@ def release(model_device):
         torch.cuda.empty_cache()
 
 
-def check_size(width: int, height: int, cell: int, most: tuple[int, int] | None = None):
-    """Images are whole patches of latent pixels (`cell` image pixels), and at most `most` patches across/down
-    (the transformer's RoPE table)."""
-    if width % cell or height % cell or min(width, height) < cell:
-        raise ValueError(f"width and height must be multiples of {cell} for this model, got {width}x{height}")
-    if most is not None and (width // cell > most[0] or height // cell > most[1]):
-        raise ValueError(
-            f"{width}x{height} is beyond this model's position table: at most {most[0] * cell}x{most[1] * cell}"
-        )
-
-
 @dataclass
 class Result:
     images: torch.Tensor  # (B, H, W, 3) in [0, 1]
@@ -163,38 +151,28 @@ def generate(
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    scale = cfg - 1
     vae = load("vae", models.vae, device, dtype)  # small, and it tells the size rules before anything slow runs
     check_size(width, height, vae.cfg.factor * PATCH)
+    if init_images is not None:
+        start_index(steps, strength)  # a strength that leaves no step fails here, not after loading
     encoder = load("text_encoder", models.text_encoder, device, dtype)
     cond = encoder.encode(prompts)
-    uncond = encoder.encode(negatives or [""] * len(prompts)) if scale > 0 else None
+    uncond = encoder.encode(negatives or [""] * len(prompts)) if cfg > 1 else None
     del encoder
     release(device)
 
-    schedule = sigmas(steps)
-    shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
-    inpaint = None
-    if init_images is None:
-        latents = noise(shape, seeds)
-    else:
+    clean = start = None
+    if init_images is not None:
         if init_images.shape[1:3] != (height, width):
             init_images = F.interpolate(init_images.movedim(-1, 1), size=(height, width), mode="bicubic")
             init_images = init_images.clamp(0, 1).movedim(1, -1)
         clean, start = encode_with_noise(vae, init_images.expand(len(seeds), -1, -1, -1), seeds)
-        schedule = schedule[start_index(steps, strength) :]
-        latents = noised(clean, start, schedule[0])
-        if masks is not None:
-            mask = F.interpolate((masks[:, None].float() >= 0.5).float(), size=shape[1:], mode="nearest")
-            inpaint = (clean, start, mask.expand(len(seeds), -1, -1, -1))
-
+    shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
     transformer = load("transformer", models.transformer, device, dtype)
-    _, rows, cols = transformer.cfg.axes_lens
-    check_size(width, height, vae.cfg.factor * transformer.cfg.patch_size, (cols, rows))
-    varied = (vary(cond, seeds, variety), variety_steps) if variety > 0 else None
-    latents = sample(transformer, latents, cond, uncond, schedule, scale, callback=callback, cancelled=cancelled,
-                     inpaint=inpaint, variety=varied)  # fmt: skip
+    latents = denoise(transformer, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
+                      strength=strength, masks=masks if clean is not None else None, variety=variety,
+                      variety_steps=variety_steps, factor=vae.cfg.factor, callback=callback, cancelled=cancelled)  # fmt: skip
     del transformer
     release(device)
-    z = vae.denormalize(latents)
+    z = vae.cfg.denormalize(latents)
     return Result(vae.decode(z), z.cpu(), cond.dropped)

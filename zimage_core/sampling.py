@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .text_encoder import Embeddings
+from .vae import VAEConfig
 
+FACTOR = VAEConfig().factor  # the Flux VAE's 8: image pixels per latent pixel
+PATCH = 2  # every released Z-Image transformer's latent patch size
 SHIFT = 3.0  # Z-Image's scheduler_config.json (Turbo; ComfyUI uses it for every Z-Image model)
 VARIETY_SEED_OFFSET = 7919  # seed variety draws from seed + this, a stream apart from the latent noise's
 
@@ -54,7 +57,7 @@ def encode_with_noise(vae, images: torch.Tensor, seeds: list[int]) -> tuple[torc
     latents, noises = [], []
     for image, seed in zip(images, seeds):
         generator = torch.Generator().manual_seed(seed)
-        z = vae.normalize(vae.encode(image[None], sample=True, generator=generator))
+        z = vae.cfg.normalize(vae.encode(image[None], sample=True, generator=generator))
         latents.append(z)
         noises.append(torch.randn(z.shape, generator=generator).to(z.device))
     return torch.cat(latents), torch.cat(noises)
@@ -70,7 +73,7 @@ def vary(cond: Embeddings, seeds: list[int], strength: float) -> Embeddings:
     features = cond.features.clone()
     for i, (seed, n) in enumerate(zip(seeds, cond.lengths)):
         real = features[i, :n].float()
-        generator = torch.Generator().manual_seed(seed + VARIETY_SEED_OFFSET)
+        generator = torch.Generator().manual_seed((seed + VARIETY_SEED_OFFSET) % 2**64)
         jitter = torch.randn(real.shape, generator=generator).to(real.device)
         features[i, :n] = (real + strength * real.square().mean().sqrt() * jitter).to(features.dtype)
     return Embeddings(features, cond.lengths, cond.dropped)
@@ -149,3 +152,66 @@ def sample(
             keep = noised(clean, start, schedule[i + 1].to(device)) if i < total - 1 else clean
             x = (1 - mask) * keep + mask * x
     return x
+
+
+def check_size(width: int, height: int, cell: int, most: tuple[int, int] | None = None):
+    """Images are whole patches of latent pixels (`cell` image pixels), and at most `most` patches across/down
+    (the transformer's RoPE table)."""
+    if width % cell or height % cell or min(width, height) < cell:
+        raise ValueError(f"width and height must be multiples of {cell} for this model, got {width}x{height}")
+    if most is not None and (width // cell > most[0] or height // cell > most[1]):
+        raise ValueError(
+            f"{width}x{height} is beyond this model's position table: at most {most[0] * cell}x{most[1] * cell}"
+        )
+
+
+def denoise(
+    transformer,
+    cond: Embeddings,
+    uncond: Embeddings | None,
+    seeds: list[int],
+    steps: int = 8,
+    cfg: float = 1.0,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    clean: torch.Tensor | None = None,
+    start_noise: torch.Tensor | None = None,
+    strength: float = 1.0,
+    masks: torch.Tensor | None = None,
+    variety: float = 0.0,
+    variety_steps: int = 2,
+    shift: float = SHIFT,
+    factor: int = FACTOR,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Sample one image's latents per seed, in the transformer's (normalized) latent space, float32.
+
+    From noise of `shape` (C, h, w), or from `clean` latents (B, C, h, w) at `strength` (img2img), repainting only
+    where `masks` (B or 1, H, W) is >= 0.5 (inpaint). Noise is drawn per seed unless `start_noise` is given.
+    `cond`/`uncond` with one item serve every seed. `factor` is the VAE's, for the size check in image pixels.
+    """
+    n = len(seeds)
+    cond = cond.repeat(n)
+    uncond = uncond.repeat(n) if uncond is not None and cfg > 1 else None
+    schedule = sigmas(steps, shift)
+    h, w = shape[1:] if clean is None else clean.shape[2:]
+    _, rows, cols = transformer.cfg.axes_lens
+    check_size(w * factor, h * factor, factor * transformer.cfg.patch_size, (cols, rows))
+    inpaint = None
+    if clean is None:
+        latents = noise(shape, seeds)
+    else:
+        if clean.shape[0] != n:
+            raise ValueError(f"{clean.shape[0]} latents but {n} seeds")
+        start_noise = noise(clean.shape[1:], seeds) if start_noise is None else start_noise
+        schedule = schedule[start_index(steps, strength) :]
+        latents = noised(clean, start_noise, schedule[0])
+        if masks is not None:
+            mask = F.interpolate(
+                (masks.reshape(-1, 1, *masks.shape[-2:]).float() >= 0.5).float(), (h, w), mode="nearest"
+            )
+            inpaint = (clean, start_noise, mask.expand(n, -1, -1, -1))
+    varied = (vary(cond, seeds, variety), variety_steps) if variety > 0 else None
+    return sample(transformer, latents, cond, uncond, schedule, cfg - 1, callback=callback, cancelled=cancelled,
+                  inpaint=inpaint, variety=varied)  # fmt: skip

@@ -77,6 +77,14 @@ class Embeddings(NamedTuple):
     lengths: tuple[int, ...]
     dropped: tuple[int, ...]  # tokens lost to the maximum length, per item
 
+    def repeat(self, n: int) -> Embeddings:
+        """The same conditioning for `n` images: as it is when it has `n` items, repeated when it has one."""
+        if len(self.lengths) == n:
+            return self
+        if len(self.lengths) != 1:
+            raise ValueError(f"conditioning for {len(self.lengths)} prompts cannot serve {n} images")
+        return Embeddings(self.features.expand(n, -1, -1), self.lengths * n, self.dropped * n)
+
 
 class TextEncoder(nn.Module):
     """Qwen3's embedding and decoder layers up to the one Z-Image reads, with its tokenizer in front.

@@ -45,6 +45,14 @@ class VAEConfig:
     def factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents (ComfyUI's LATENT) -> the transformer's latent space."""
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's latent space -> autoencoder latents."""
+        return latents / self.scaling_factor + self.shift_factor
+
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
@@ -196,14 +204,6 @@ class VAE(nn.Module):
             self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
             self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Autoencoder latents -> the transformer's latent space."""
-        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        """The transformer's latent space -> autoencoder latents."""
-        return latents / self.cfg.scaling_factor + self.cfg.shift_factor
-
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
@@ -253,6 +253,15 @@ class VAE(nn.Module):
         pixels = x.shape[0] * x.shape[2] * x.shape[3] * scale**2
         peak = PEAK_MAPS * pixels * self.cfg.block_out_channels[0] * torch.finfo(self.dtype).bits // 8
         return peak > free_bytes(x.device)
+
+
+def crop_to(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C) cut at the centre to sizes that are multiples of `multiple` (as ComfyUI's VAE Encode)."""
+    h, w = images.shape[1] // multiple * multiple, images.shape[2] // multiple * multiple
+    if not h or not w:
+        raise ValueError(f"image {images.shape[2]}x{images.shape[1]} is smaller than {multiple} pixels")
+    top, left = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
+    return images[:, top : top + h, left : left + w]
 
 
 def free_bytes(device: torch.device) -> int:

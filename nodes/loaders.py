@@ -1,0 +1,138 @@
+"""Loader nodes: files from ComfyUI's model folders, handed to the host's model management as ModelPatchers."""
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..zimage_core.loaders import LOADERS, ModelCache, model_choices, stamp
+
+ZImageModel = io.Custom("ZIMAGE_MODEL")
+ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
+ZImageVAE = io.Custom("ZIMAGE_VAE")
+
+CACHE = ModelCache()
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+DEVICES = {  # (load, offload) per component, as ComfyUI places its own models
+    "transformer": (mm.get_torch_device, mm.unet_offload_device),
+    "text_encoder": (mm.text_encoder_device, mm.text_encoder_offload_device),
+    "vae": (mm.vae_device, mm.vae_offload_device),
+}
+
+
+DEVICE_CHOICES = ["default", "cpu"]
+
+
+def check_choices(*checks: tuple[str, str, list]) -> str | bool:
+    """True, or a message naming the first (input, value, options) whose value is not among its options."""
+    for name, value, options in checks:
+        if value not in options:
+            return f"{name}: '{value}' is not one of: {', '.join(options) or '(none found)'}"
+    return True
+
+
+def choices(folder: str, component: str) -> dict:
+    return model_choices(folder_paths.get_folder_paths(folder), component)
+
+
+def ready(patcher):
+    """The model on its device, after ComfyUI made room for it (other models may be offloaded)."""
+    mm.load_models_gpu([patcher], force_full_load=True)
+    return patcher.model
+
+
+def load(component: str, folder: str, name: str, weight_dtype: str, device: str):
+    found = choices(folder, component)
+    if name not in found:
+        raise FileNotFoundError(
+            f"'{name}' is not in ComfyUI's {folder} folders ({folder_paths.get_folder_paths(folder)})"
+        )
+    load_device, offload_device = ("cpu", "cpu") if device == "cpu" else (f() for f in DEVICES[component])
+    if weight_dtype in DTYPES:
+        dtype = DTYPES[weight_dtype]
+    elif component == "vae":
+        dtype = torch.float32  # as the official pipeline runs it
+    else:
+        dtype = torch.bfloat16 if mm.should_use_bf16(torch.device(load_device)) else torch.float32
+    extra = {} if component == "vae" else {"weight_dtype": WEIGHT_DTYPES.get(weight_dtype)}
+
+    def build():
+        model = LOADERS[component](found[name], offload_device, dtype, **extra)
+        return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+    return CACHE.get(component, found[name], (weight_dtype, device), build)
+
+
+def loader(node_id, title, component, folder, output, dtypes, description):
+    """A loader node class: a file or diffusers folder from `folder`, a weight dtype and a device."""
+
+    class Loader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(
+                node_id=node_id,
+                display_name=title,
+                category="Z-Image/loaders",
+                description=description,
+                inputs=[
+                    io.Combo.Input(
+                        "name",
+                        options=list(choices(folder, component)),
+                        tooltip=f"A file or diffusers folder in ComfyUI's models/{folder} folders.",
+                    ),
+                    io.Combo.Input(
+                        "weight_dtype",
+                        options=dtypes,
+                        default="default",
+                        tooltip="default: bf16 where the device supports it (the VAE: fp32); "
+                        "fp8 holds the weights in 8 bits and computes in the default dtype.",
+                    ),
+                    io.Combo.Input(
+                        "device",
+                        options=["default", "cpu"],
+                        default="default",
+                        tooltip="default: ComfyUI's device for this kind of model; cpu keeps it there.",
+                    ),
+                ],
+                outputs=[output.Output()],
+            )
+
+        @classmethod
+        def validate_inputs(cls, name, weight_dtype, device):
+            """Checked here, not by ComfyUI: 0.3.64 does not check a V3 combo's value against its options."""
+            found = list(choices(folder, component))
+            return check_choices(
+                ("name", name, found), ("weight_dtype", weight_dtype, dtypes), ("device", device, DEVICE_CHOICES)
+            )
+
+        @classmethod
+        def fingerprint_inputs(cls, name, weight_dtype, device):
+            """Changes when the file does, so ComfyUI runs the loader again after a file is replaced."""
+            found = choices(folder, component).get(name)
+            return stamp(found) if found else name
+
+        @classmethod
+        def execute(cls, name, weight_dtype, device) -> io.NodeOutput:
+            return io.NodeOutput(load(component, folder, name, weight_dtype, device))
+
+    Loader.__name__ = Loader.__qualname__ = node_id
+    return Loader
+
+
+MODEL_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+ZImageTransformerLoader = loader(
+    "ZImageTransformerLoader", "Z-Image Transformer Loader", "transformer", "diffusion_models", ZImageModel,
+    MODEL_DTYPES, "Loads a Z-Image transformer (Turbo, Base, Omni/Edit): z_image_turbo_bf16.safetensors, fp8 files, "
+    "or a diffusers transformer/ or pipeline folder.",
+)  # fmt: skip
+ZImageTextEncoderLoader = loader(
+    "ZImageTextEncoderLoader", "Z-Image Text Encoder Loader", "text_encoder", "text_encoders", ZImageTextEncoder,
+    MODEL_DTYPES, "Loads Z-Image's Qwen3-4B text encoder: qwen_3_4b.safetensors (bf16 or fp8) or a diffusers "
+    "text_encoder/ or pipeline folder.",
+)  # fmt: skip
+ZImageVAELoader = loader(
+    "ZImageVAELoader", "Z-Image VAE Loader", "vae", "vae", ZImageVAE, ["default", "bf16", "fp32"],
+    "Loads the Flux VAE Z-Image uses: ae.safetensors or a diffusers vae/ or pipeline folder.",
+)  # fmt: skip

@@ -1,0 +1,123 @@
+"""Z-Image Sampler: the references' flow-matching Euler sampling, with ComfyUI's progress, previews and interrupt."""
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..zimage_core import sampling
+from ..zimage_core.vae import VAEConfig
+from .loaders import ZImageModel, ready
+from .text_encode import ZImageConditioning
+
+FLUX = VAEConfig()  # the released VAE's latent scale and shift, as ComfyUI's Flux latent format
+
+
+class ZImageSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageSampler",
+            display_name="Z-Image Sampler",
+            category="Z-Image/sampling",
+            description="Text-to-image, img2img (a latent and denoise below 1) and inpaint (a mask). Defaults are "
+            "Turbo's: 8 steps, CFG off. Base: about 30-50 steps, CFG 3-5, a negative prompt.",
+            inputs=[
+                ZImageModel.Input("model", tooltip="From Z-Image Transformer Loader."),
+                ZImageConditioning.Input("positive", tooltip="The prompt, from Z-Image Text Encode."),
+                ZImageConditioning.Input(
+                    "negative", optional=True, tooltip="The negative prompt; used only when cfg > 1 (needed then)."
+                ),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip="Start from this latent (img2img, inpaint) or take its size and batch "
+                    "(an empty latent); without it width, height and batch_size apply.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Inpaint: 1 = repaint, 0 = keep the latent's image (needs a latent). "
+                    "A latent's own noise_mask is used when this is not connected.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Image i of a batch uses seed + i, so any image can be made again alone.",
+                ),
+                io.Int.Input("steps", default=8, min=1, max=1000, tooltip="Transformer evaluations (Turbo: 8)."),
+                io.Float.Input(
+                    "cfg",
+                    default=1.0,
+                    min=1.0,
+                    max=30.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance, ComfyUI's scale: 1 = off (Turbo); Base: 3-5.",
+                ),
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16, tooltip="Image width (no latent)."),
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Image height (no latent)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run (no latent)."),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="With a latent: how much to change it (img2img 0.6 is a good start).",
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=sampling.SHIFT,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Sigma schedule shift; 3 as the released scheduler configs.",
+                ),
+                io.Float.Input(
+                    "variety",
+                    default=0.0,
+                    min=0.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="Seed variety for Turbo: seeded noise on the prompt's features for the "
+                    "first 2 steps, so seeds differ in composition (0.3-0.6); 0 = off.",
+                ),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, seed, steps, cfg, width, height, batch_size, denoise, shift, variety,
+                negative=None, latent=None, mask=None) -> io.NodeOutput:  # fmt: skip
+        if cfg > 1 and negative is None:
+            raise ValueError("cfg > 1 needs a negative prompt: connect a Z-Image Text Encode (an empty text is fine)")
+        if mask is None and latent is not None:
+            mask = latent.get("noise_mask")
+        if mask is not None and latent is None:
+            raise ValueError("a mask needs the latent of the image to inpaint: connect Z-Image VAE Encode's output")
+        transformer = ready(model)
+        clean = None if latent is None else FLUX.normalize(latent["samples"].float())
+        n = batch_size if clean is None else clean.shape[0]
+        seeds = [(seed + i) % 2**64 for i in range(n)]
+        shape = (transformer.cfg.in_channels, height // sampling.FACTOR, width // sampling.FACTOR)
+        progress = comfy.utils.ProgressBar(steps)
+        previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.Flux())
+
+        def callback(step, total, x0):
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+            progress.update_absolute(step, total, preview)
+
+        try:
+            out = sampling.denoise(transformer, positive, negative, seeds, steps, cfg, shape=shape, clean=clean,
+                           strength=denoise if clean is not None else 1.0, masks=mask, variety=variety, shift=shift,
+                           callback=callback, cancelled=mm.processing_interrupted)  # fmt: skip
+        except InterruptedError:
+            mm.throw_exception_if_processing_interrupted()
+            raise
+        return io.NodeOutput({"samples": FLUX.denormalize(out).to(mm.intermediate_device(), torch.float32)})

@@ -1,0 +1,68 @@
+"""Z-Image VAE Decode / Encode: ComfyUI's IMAGE and LATENT (the autoencoder's own latents, as native nodes hold)."""
+
+import comfy.model_management as mm
+from comfy_api.v0_0_2 import io
+
+from ..zimage_core.sampling import PATCH
+from ..zimage_core.vae import crop_to
+from .loaders import ZImageVAE, check_choices, ready
+
+TILED = {"auto": None, "on": True, "off": False}
+TILED_TOOLTIP = "Run in bands of rows (same result, a fraction of the memory): auto does when the whole image " \
+    "would not fit in free memory."  # fmt: skip
+
+
+class TiledNode(io.ComfyNode):
+    """Both VAE nodes check their `tiled` choice themselves: ComfyUI 0.3.64 does not check V3 combo values."""
+
+    @classmethod
+    def validate_inputs(cls, tiled):
+        return check_choices(("tiled", tiled, list(TILED)))
+
+
+class ZImageVAEDecode(TiledNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageVAEDecode",
+            display_name="Z-Image VAE Decode",
+            category="Z-Image/latent",
+            description="Latents to images; also decodes latents of native samplers using the Flux VAE.",
+            inputs=[
+                ZImageVAE.Input("vae", tooltip="From Z-Image VAE Loader."),
+                io.Latent.Input("samples", tooltip="From Z-Image Sampler, or any Flux-VAE latent."),
+                io.Combo.Input("tiled", options=list(TILED), default="auto", tooltip=TILED_TOOLTIP),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, samples, tiled) -> io.NodeOutput:
+        z = samples["samples"]
+        if z.ndim != 4:
+            raise ValueError(f"Z-Image VAE Decode takes image latents (B, 16, h, w), got shape {tuple(z.shape)}")
+        return io.NodeOutput(ready(vae).decode(z, tiled=TILED[tiled]).to(mm.intermediate_device()))
+
+
+class ZImageVAEEncode(TiledNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageVAEEncode",
+            display_name="Z-Image VAE Encode",
+            category="Z-Image/latent",
+            description="Images to latents for img2img and inpaint (the posterior mean, as ComfyUI encodes). Sizes "
+            "are cropped at the centre to a multiple of 16 pixels, which the sampler needs.",
+            inputs=[
+                ZImageVAE.Input("vae", tooltip="From Z-Image VAE Loader."),
+                io.Image.Input("pixels", tooltip="The image(s) to encode."),
+                io.Combo.Input("tiled", options=list(TILED), default="auto", tooltip=TILED_TOOLTIP),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, pixels, tiled) -> io.NodeOutput:
+        model = ready(vae)
+        images = crop_to(pixels[..., :3], model.cfg.factor * PATCH)
+        return io.NodeOutput({"samples": model.encode(images, tiled=TILED[tiled]).to(mm.intermediate_device())})

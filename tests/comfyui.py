@@ -1,0 +1,151 @@
+"""Real ComfyUI servers for the server tests: where they are, how they start, and the models they are given.
+
+`COMFYUI_PATH` lists ComfyUI source folders (separated by `os.pathsep`); unset, the convention
+`~/.cache/comfyui/0.8.0` and `~/.cache/comfyui/0.3.64` is tried. Each runs with its own `.venv/bin/python` when it
+has one (else `COMFYUI_PYTHON`, else this interpreter), from a fresh base directory holding this pack in
+`custom_nodes/`, random-weight models under the released file names, and the test images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).parents[1]
+CONVENTION = [Path.home() / ".cache" / "comfyui" / v for v in ("0.8.0", "0.3.64")]
+PACK = "comfyui-zimage"
+# Released names the shipped workflows expect, and the small random models written under them.
+MODEL_FILES = {
+    "diffusion_models": ["z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors"],
+    "text_encoders": ["qwen_3_4b.safetensors"],
+    "vae": ["ae.safetensors"],
+}
+INPUT_IMAGES = ("example.png", "example_inpaint.png")
+
+
+def hosts() -> list[Path]:
+    listed = os.environ.get("COMFYUI_PATH")
+    paths = [Path(p).expanduser() for p in listed.split(os.pathsep) if p] if listed else CONVENTION
+    return [p for p in paths if (p / "main.py").is_file()]
+
+
+def why_no_hosts() -> str:
+    listed = os.environ.get("COMFYUI_PATH")
+    where = (
+        f"COMFYUI_PATH={listed}" if listed else f"COMFYUI_PATH unset and nothing at {', '.join(map(str, CONVENTION))}"
+    )
+    return f"no ComfyUI checkout found ({where}); see tests/comfyui.py"
+
+
+def version(host: Path) -> str:
+    text = (host / "comfyui_version.py").read_text()
+    return text.split("=")[1].strip().strip("\"'")
+
+
+def write_models(folder: Path):
+    """Random Z-Image models small enough for CPU, in ComfyUI's single-file layouts: a transformer with the real
+    head size (its config is read from the shapes), a 3-layer Qwen3, and the Flux VAE at its real widths (ComfyUI's
+    own VAE loader only builds that architecture)."""
+    from helpers import (
+        QWEN3_SMALL,
+        SMALL,
+        VAE_REAL,
+        reference_qwen3,
+        reference_transformer,
+        reference_vae,
+        to_bfl,
+        to_comfy,
+    )
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bf16 = lambda sd: {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+    transformer = to_comfy(reference_transformer(dict(SMALL, cap_feat_dim=QWEN3_SMALL["hidden_size"])).state_dict())
+    save_file(bf16(transformer), folder / "transformer.safetensors")
+    te = {"model." + k: v for k, v in reference_qwen3(QWEN3_SMALL).state_dict().items()}
+    save_file(bf16(te), folder / "text_encoder.safetensors")
+    save_file(bf16(to_bfl(reference_vae(VAE_REAL).state_dict())), folder / "vae.safetensors")
+
+
+def write_images(folder: Path):
+    """A picture for img2img, and the same with a transparent square (LoadImage's mask) for inpaint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:256, 0:256]
+    rgb = np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / INPUT_IMAGES[0])
+    alpha = np.full((256, 256), 255, np.uint8)
+    alpha[64:192, 64:192] = 0
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / INPUT_IMAGES[1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One ComfyUI server on a free port, from `base` (models, input, output, custom_nodes)."""
+
+    def __init__(self, host: Path, base: Path, models: Path):
+        self.host, self.base, self.version = host, base, version(host)
+        for sub in ("custom_nodes", "input", "output", "user", "models"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+        kinds = {"diffusion_models": "transformer", "text_encoders": "text_encoder", "vae": "vae"}
+        for folder, names in MODEL_FILES.items():
+            (base / "models" / folder).mkdir(exist_ok=True)
+            for name in names:
+                (base / "models" / folder / name).symlink_to(models / f"{kinds[folder]}.safetensors")
+        write_images(base / "input")
+        venv = host / ".venv" / "bin" / "python"
+        self.python = str(venv) if venv.exists() else os.environ.get("COMFYUI_PYTHON", sys.executable)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = base / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, extra: list[str] = (), timeout: float = 120):
+        args = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                "--disable-auto-launch", "--base-directory", str(self.base),
+                "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *extra]  # fmt: skip
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(args, cwd=self.host, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI {self.version} exited at start:\n{self.tail()}")
+            try:
+                self.get("/system_stats")
+                return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI {self.version} did not answer within {timeout} s:\n{self.tail()}")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        shutil.rmtree(self.base / "temp", ignore_errors=True)

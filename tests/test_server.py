@@ -1,0 +1,275 @@
+"""The pack inside real ComfyUI servers (each version found by tests/comfyui.py), driven over its HTTP/websocket API.
+
+Skipped, with the reason, when no ComfyUI checkout is found; `.ci/run` reports whether these ran.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from comfyui import INPUT_IMAGES, PACK, Server, hosts, version, why_no_hosts, write_models
+from PIL import Image
+from workflow_api import recorded_object_info, shipped, to_api, widget_names
+
+from zimage_core.client import Client, ServerError, failure, job_prompt
+from zimage_core.client import main as client_main
+from zimage_core.pipeline import Models, generate
+
+pytestmark = pytest.mark.skipif(not hosts(), reason=why_no_hosts())
+
+OUR_NODES = [
+    "ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
+    "ZImageVAEDecode", "ZImageVAEEncode",
+]  # fmt: skip
+SIZE = (256, 256)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    write_models(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=hosts(), ids=version)
+def server(request, models, tmp_path_factory):
+    base = tmp_path_factory.mktemp(f"comfyui-{version(request.param)}")
+    server = Server(request.param, base, models).start(extra=["--preview-method", "latent2rgb"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    client = Client(server.url, retries=2, backoff=0.2)
+    client.listen()
+    yield client
+    client.close()
+
+
+def workflow(name: str) -> dict:
+    return json.loads(next(api for ui, api in shipped() if ui.stem == name).read_text())
+
+
+def node_of(graph: dict, class_type: str) -> str:
+    return next(i for i, n in graph.items() if n["class_type"] == class_type)
+
+
+def small(graph: dict, steps: int = 4, seed: int = 5) -> dict:
+    """The shipped graph at 256 x 256 (img2img and inpaint: the input image's, also 256 x 256), `steps` steps."""
+    return job_prompt(graph, [(node_of(graph, "ZImageSampler"), "steps", steps)], seed=seed, size=SIZE)
+
+
+def run(client: Client, graph: dict, events: list | None = None, timeout: float = 300) -> dict:
+    prompt_id = client.queue(graph)
+    return client.wait(prompt_id, on_event=None if events is None else events.append, timeout=timeout)
+
+
+def saved(server: Server, entry: dict) -> list[np.ndarray]:
+    refs = [ref for out in entry["outputs"].values() for ref in out.get("images", []) if ref["type"] == "output"]
+    return [np.asarray(Image.open(server.base / "output" / r["subfolder"] / r["filename"])) for r in refs]
+
+
+def test_pack_loads_and_lists_every_node_with_its_inputs(server):
+    log = server.tail(400)
+    assert "custom_nodes/comfyui-zimage" in log and f"Cannot import {server.base}" not in log, log
+    info = server.get("/object_info")
+    recorded = recorded_object_info()
+    for node in OUR_NODES:
+        assert node in info, f"{node} missing on ComfyUI {server.version}"
+        assert info[node]["category"].startswith("Z-Image/")
+        assert info[node]["input_order"] == recorded[node]["input_order"]
+        for group in ("required", "optional"):
+            for name, spec in info[node]["input"].get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+                assert spec[0] == recorded[node]["input"][group][name][0]
+
+
+def test_api_workflows_are_the_conversion_of_the_ui_workflows_with_this_servers_definitions(server):
+    info = server.get("/object_info")
+    for cls, recorded in recorded_object_info().items():
+        assert widget_names(info[cls]) == widget_names(recorded), f"{cls} widgets differ on {server.version}"
+    for ui, api in shipped():
+        assert to_api(json.loads(ui.read_text()), info) == json.loads(api.read_text()), ui.name
+
+
+@pytest.mark.parametrize("name", [ui.stem for ui, _ in shipped()])
+def test_every_shipped_workflow_finishes_with_images_on_disk(server, client, name):
+    graph = small(workflow(name))
+    if "inpaint" in name:  # the shipped file names example.png; this one carries a mask in its alpha channel
+        graph[node_of(graph, "LoadImage")]["inputs"]["image"] = INPUT_IMAGES[1]
+    entry = run(client, graph)
+    assert failure(entry) is None, failure(entry)
+    images = saved(server, entry)
+    assert len(images) == 1 and images[0].shape == (*SIZE, 3), [i.shape for i in images]
+    assert images[0].std() > 1, "a flat image"
+
+
+def test_our_latents_decode_the_same_with_the_native_vae_decode(server, client):
+    """One prompt, one latent from our sampler (fed by a native empty latent), decoded by both VAE decoders."""
+    graph = small(workflow("zimage_turbo_with_native_nodes"))
+    sampler = node_of(graph, "ZImageSampler")
+    graph["90"] = {"class_type": "ZImageVAELoader", "inputs": {"name": "ae.safetensors", "weight_dtype": "default",
+                                                               "device": "default"}}  # fmt: skip
+    graph["91"] = {"class_type": "ZImageVAEDecode", "inputs": {"vae": ["90", 0], "samples": [sampler, 0],
+                                                               "tiled": "auto"}}  # fmt: skip
+    graph["92"] = {"class_type": "SaveImage", "inputs": {"images": ["91", 0], "filename_prefix": "ours"}}
+    entry = run(client, graph)
+    assert failure(entry) is None, failure(entry)
+    native, ours = saved(server, entry)
+    difference = np.abs(native.astype(int) - ours.astype(int))
+    assert difference.max() <= 2 and ours.std() > 1, (difference.max(), difference.mean())
+
+
+def test_nodes_make_the_pipelines_image(server, client, models):
+    """The node graph and `zimage_core.pipeline.generate` (proven against diffusers) give the same pixels."""
+    graph = small(workflow("zimage_turbo_text_to_image"), seed=11)
+    for loader in ("ZImageTransformerLoader", "ZImageTextEncoderLoader"):
+        graph[node_of(graph, loader)]["inputs"]["weight_dtype"] = "fp32"
+    entry = run(client, graph)
+    assert failure(entry) is None, failure(entry)
+    (image,) = saved(server, entry)
+    files = Models(models / "transformer.safetensors", models / "text_encoder.safetensors", models / "vae.safetensors")
+    prompt = graph[node_of(graph, "ZImageTextEncode")]["inputs"]["text"]
+    result = generate(files, [prompt], width=SIZE[0], height=SIZE[1], steps=4, seeds=[11], dtype=torch.float32)
+    expected = (result.images[0].numpy() * 255).round().clip(0, 255).astype(np.uint8)  # SaveImage's rounding
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_bad_values_come_back_as_node_errors_for_our_node(server, client):
+    graph = small(workflow("zimage_turbo_text_to_image"))
+    for node, name, value, expected in (
+        (node_of(graph, "ZImageSampler"), "steps", 0, "value_smaller_than_min"),
+        (node_of(graph, "ZImageTransformerLoader"), "name", "missing.safetensors", "custom_validation_failed"),
+        (node_of(graph, "ZImageVAEDecode"), "tiled", "sometimes", "custom_validation_failed"),
+    ):
+        with pytest.raises(ServerError) as rejected:
+            client.queue(job_prompt(graph, [(node, name, value)]))
+        errors = rejected.value.details["node_errors"]
+        assert errors[node]["class_type"] == graph[node]["class_type"]
+        assert {e["type"] for e in errors[node]["errors"]} == {expected}  # one per validated input on 0.8.0
+        assert name in str(rejected.value) and str(value) in str(rejected.value)
+
+
+def test_a_failing_node_leaves_the_server_serving(server, client):
+    graph = small(workflow("zimage_base_text_to_image"))
+    sampler = node_of(graph, "ZImageSampler")
+    del graph[sampler]["inputs"]["negative"]  # cfg 4 without a negative prompt: the sampler refuses
+    entry = run(client, graph)
+    error = failure(entry)
+    assert error["type"] == "execution_error" and error["node_type"] == "ZImageSampler"
+    assert "negative" in error["exception_message"]
+    broken = server.base / "models" / "diffusion_models" / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file at all")
+    graph = small(workflow("zimage_turbo_text_to_image"))
+    graph[node_of(graph, "ZImageTransformerLoader")]["inputs"]["name"] = broken.name
+    error = failure(run(client, graph))
+    assert error["node_type"] == "ZImageTransformerLoader" and "broken.safetensors" in error["exception_message"]
+    broken.unlink()
+    entry = run(client, small(workflow("zimage_turbo_text_to_image")))
+    assert failure(entry) is None and saved(server, entry)
+
+
+def test_interrupt_stops_sampling_within_one_evaluation(server, client):
+    graph = small(workflow("zimage_turbo_text_to_image"), steps=1000)
+    sampler = node_of(graph, "ZImageSampler")
+    graph[sampler]["inputs"].update(width=1024, height=1024)  # about 0.1 s per evaluation on 2 CPU cores
+    events = []
+    prompt_id = client.queue(graph)
+    deadline = time.monotonic() + 120
+
+    def progress():
+        with client.changed:
+            steps = [m["data"]["value"] for m in client.events.get(prompt_id, []) if m["type"] == "progress"]
+        return max(steps, default=0)
+
+    while progress() < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    at_interrupt = progress()
+    client.call("/interrupt", {})
+    entry = client.wait(prompt_id, on_event=events.append, timeout=120)
+    assert failure(entry)["type"] == "execution_interrupted"
+    last = max(m["data"]["value"] for m in events if m["type"] == "progress")
+    assert 5 <= at_interrupt and last - at_interrupt <= 2, (at_interrupt, last)
+    assert failure(run(client, small(workflow("zimage_turbo_text_to_image")))) is None
+
+
+def test_progress_and_live_previews_per_evaluation(server, client):
+    import websocket
+
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId=previews", timeout=120)
+    graph = small(workflow("zimage_turbo_text_to_image"), steps=6, seed=21)
+    prompt_id = client.call("/prompt", {"prompt": graph, "client_id": "previews"})["prompt_id"]
+    previews, progress = 0, []
+    while True:
+        message = ws.recv()
+        if isinstance(message, bytes):
+            previews += struct.unpack(">I", message[:4])[0] == 1  # PREVIEW_IMAGE
+            continue
+        message = json.loads(message)
+        data = message.get("data", {})
+        if message["type"] == "progress" and data.get("prompt_id") == prompt_id:
+            progress.append((data["value"], data["max"]))
+        if message["type"] in ("execution_success", "execution_error") and data.get("prompt_id") == prompt_id:
+            break
+    ws.close()
+    assert message["type"] == "execution_success"
+    assert progress == [(i, 6) for i in range(1, 7)]
+    assert previews >= 6
+
+
+def test_models_are_reused_on_requeue_and_reloaded_when_the_file_changes(server, client, models, tmp_path):
+    graph = small(workflow("zimage_turbo_text_to_image"), seed=31)
+    first = run(client, graph)
+    events = []
+    again = run(client, job_prompt(graph, [], seed=32), events)
+    cached = {n for m in events if m["type"] == "execution_cached" for n in m["data"]["nodes"]}
+    loaders = {node_of(graph, c) for c in ("ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader")}
+    assert loaders <= cached and failure(again) is None
+
+    from helpers import QWEN3_SMALL, SMALL, reference_transformer, to_comfy
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    sd = to_comfy(reference_transformer(dict(SMALL, cap_feat_dim=QWEN3_SMALL["hidden_size"]), seed=1).state_dict())
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, other)
+    link = server.base / "models" / "diffusion_models" / "z_image_turbo_bf16.safetensors"
+    link.unlink()
+    shutil.copy(other, link)  # the same name, other weights
+    swapped = run(client, graph)
+    link.unlink()
+    link.symlink_to(models / "transformer.safetensors")
+    back = run(client, graph)
+    (a,), (b,), (c,) = saved(server, first), saved(server, swapped), saved(server, back)
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 10, "a replaced file was not reloaded"
+    assert np.array_equal(a, c)
+
+
+def test_the_client_runs_a_prompt_file_against_the_server(server, tmp_path):
+    api = next(api for ui, api in shipped() if ui.stem == "zimage_turbo_text_to_image")
+    sampler = node_of(json.loads(api.read_text()), "ZImageSampler")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red apple on a table\n\n一只猫在窗台上\n")
+    code = client_main([str(api), "--server", server.url, "--prompts", str(prompts), "--seed", "3", "--size",
+                        "256x256", "--set", f"{sampler}.steps=2", "--concurrency", "2", "--out", str(tmp_path / "out"),
+                        "--quiet"])  # fmt: skip
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt"] for r in records) == ["a red apple on a table", "一只猫在窗台上"]
+    assert sorted(r["seed"] for r in records) == [3, 4]
+    for r in records:
+        assert r["error"] is None and r["size"] == [256, 256] and r["prompt_id"]
+        assert np.asarray(Image.open(r["outputs"][0])).shape == (256, 256, 3)
+
+
+def test_the_template_browser_lists_and_serves_the_ui_workflows(server):
+    listed = server.get("/api/workflow_templates")
+    assert sorted(listed[PACK]) == sorted(ui.stem for ui, _ in shipped())
+    for ui, _ in shipped():
+        assert server.get(f"/api/workflow_templates/{PACK}/{ui.name}") == json.loads(ui.read_text())

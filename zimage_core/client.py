@@ -1,0 +1,310 @@
+"""Queue API-format workflows on a running ComfyUI server: `python -m zimage_core.client WORKFLOW [options]`.
+
+Standard library plus `websocket-client` (`pip install websocket-client`); no torch. One job per prompt line
+(or one job), at most `--concurrency` in flight, progress followed over the websocket (with `/history` polled as
+a safety net), images saved, a JSON-lines log of every job, and a non-zero exit with the server's error when a
+prompt is rejected or fails. Only connection errors are retried, with exponential back-off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import http.client
+import json
+import os
+import struct
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DONE = {"execution_success", "execution_error", "execution_interrupted"}
+TEXT_NODES = {"ZImageTextEncode": "text", "CLIPTextEncode": "text"}
+SEED_INPUTS = ("seed", "noise_seed")
+
+
+class ServerError(Exception):
+    """The server rejected a prompt (HTTP 4xx/5xx) or a prompt failed; `details` is the server's JSON."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+def describe_rejection(body: dict) -> str:
+    """One readable line per node error of a rejected prompt (ComfyUI's `error` and `node_errors`)."""
+    lines = [body.get("error", {}).get("message", "prompt rejected")]
+    for node, err in body.get("node_errors", {}).items():
+        for e in err.get("errors", []):
+            lines.append(f"node {node} ({err.get('class_type')}): {e.get('message')}: {e.get('details')}")
+    return "; ".join(lines)
+
+
+class Client:
+    """One ComfyUI server: HTTP calls with retries on connection errors, and a websocket reader of its events."""
+
+    def __init__(self, server: str, token: str | None = None, retries: int = 5, backoff: float = 1.0, poll=2.0):
+        self.base = server if "://" in server else f"http://{server}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retries, self.backoff, self.poll = retries, backoff, poll
+        self.client_id = uuid.uuid4().hex
+        self.events: dict[str, list[dict]] = {}
+        self.changed = threading.Condition()
+        self.closed = False
+        self.reader: threading.Thread | None = None
+
+    def call(self, path: str, body: dict | None = None, raw: bool = False):
+        data = None if body is None else json.dumps(body).encode()
+        headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.base + path, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    payload = response.read()
+                return payload if raw else json.loads(payload or b"null")
+            except urllib.error.HTTPError as e:  # the server answered: never retried
+                text = e.read().decode(errors="replace")
+                try:
+                    details = json.loads(text)
+                except json.JSONDecodeError:
+                    details = {"error": {"message": text.strip() or e.reason}}
+                message = describe_rejection(details) if isinstance(details, dict) else text
+                raise ServerError(f"{path}: HTTP {e.code}: {message}", details) from None
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as e:
+                if attempt == self.retries:
+                    raise ConnectionError(f"{self.base}{path}: {e} (after {self.retries} retries)") from None
+                time.sleep(min(self.backoff * 2**attempt, 30))
+        raise AssertionError("unreachable")
+
+    def queue(self, prompt: dict) -> str:
+        answer = self.call("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if answer.get("node_errors"):  # queued, but some outputs failed validation and will not run
+            raise ServerError(describe_rejection({"error": {"message": "prompt partly invalid"}, **answer}), answer)
+        return answer["prompt_id"]
+
+    def listen(self):
+        """Start reading the websocket in the background (reconnecting with back-off)."""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        import websocket  # websocket-client
+
+        url = self.base.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+        header = [f"{k}: {v}" for k, v in self.headers.items()]
+        failures = 0
+        while not self.closed:
+            try:
+                ws = websocket.create_connection(url, header=header, timeout=5)
+                failures = 0
+                while not self.closed:
+                    try:
+                        message = ws.recv()
+                    except websocket.WebSocketTimeoutException:
+                        continue
+                    if isinstance(message, str):
+                        self._note(json.loads(message))
+                ws.close()
+            except (OSError, websocket.WebSocketException):
+                failures += 1
+                time.sleep(min(self.backoff * 2**failures, 30))
+
+    def _note(self, message: dict):
+        data = message.get("data") or {}
+        if isinstance(data, dict) and data.get("prompt_id"):
+            with self.changed:
+                self.events.setdefault(data["prompt_id"], []).append(message)
+                self.changed.notify_all()
+
+    def wait(self, prompt_id: str, on_event=None, timeout: float | None = None) -> dict:
+        """Follow one prompt to its end; returns its `/history` entry. `on_event(message)` sees each event.
+
+        `/history` is asked every `poll` seconds too, so a missed websocket message never hangs a job."""
+        seen, start, last_poll, poll = 0, time.monotonic(), 0.0, self.poll
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda n=seen: len(self.events.get(prompt_id, [])) > n, timeout=poll)
+                events = list(self.events.get(prompt_id, []))
+            for message in events[seen:]:
+                if on_event is not None:
+                    on_event(message)
+            seen = len(events)
+            finished = any(m["type"] in DONE for m in events)
+            if finished or time.monotonic() - last_poll >= poll:  # the history is the record, events are news
+                last_poll = time.monotonic()
+                entry = self.call(f"/history/{prompt_id}").get(prompt_id)
+                if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                    with self.changed:
+                        self.events.pop(prompt_id, None)
+                    return entry
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def image(self, ref: dict) -> bytes:
+        query = urllib.parse.urlencode({k: ref.get(k, "") for k in ("filename", "subfolder", "type")})
+        return self.call(f"/view?{query}", raw=True)
+
+    def close(self):
+        self.closed = True
+
+
+def failure(entry: dict) -> dict | None:
+    """The error of a finished `/history` entry, or None when it succeeded."""
+    status = entry.get("status", {})
+    if status.get("status_str") == "success":
+        return None
+    for kind, data in status.get("messages", []):
+        if kind in ("execution_error", "execution_interrupted"):
+            return {"type": kind, **{k: data.get(k) for k in ("node_id", "node_type", "exception_message")}}
+    return {"type": status.get("status_str", "unknown")}
+
+
+def parse_set(spec: str) -> tuple[str, str, object]:
+    """`NODE.INPUT=VALUE`: VALUE as JSON when it parses (numbers, true, lists), else as a string."""
+    target, sep, value = spec.partition("=")
+    node, dot, name = target.partition(".")
+    if not sep or not dot or not node or not name:
+        raise ValueError(f'--set {spec!r}: expected NODE.INPUT=VALUE, e.g. 6.text="a cat"')
+    try:
+        return node, name, json.loads(value)
+    except json.JSONDecodeError:
+        return node, name, value
+
+
+def find_prompt_field(workflow: dict) -> tuple[str, str]:
+    """The positive prompt's text input: the one text-encode node, or the one whose title names the prompt."""
+    texts = [(i, TEXT_NODES[n["class_type"]]) for i, n in workflow.items() if n.get("class_type") in TEXT_NODES]
+    titled = [(i, f) for i, f in texts if "negative" not in workflow[i].get("_meta", {}).get("title", "").lower()]
+    if len(texts) == 1 or len(titled) == 1:
+        return texts[0] if len(texts) == 1 else titled[0]
+    raise ValueError("cannot tell which node holds the prompt; name it with --prompt-field NODE.INPUT")
+
+
+def job_prompt(workflow: dict, sets, prompt=None, prompt_field=None, seed=None, size=None) -> dict:
+    """A copy of `workflow` with the overrides applied; every override must name an existing node and input."""
+    graph = copy.deepcopy(workflow)
+
+    def put(node, name, value, what):
+        if node not in graph:
+            raise ValueError(f"{what}: the workflow has no node {node!r} (nodes: {', '.join(graph)})")
+        inputs = graph[node]["inputs"]
+        if name not in inputs:
+            raise ValueError(f"{what}: node {node} ({graph[node]['class_type']}) has no input {name!r}")
+        inputs[name] = value
+
+    for node, name, value in sets:
+        put(node, name, value, f"--set {node}.{name}")
+    if prompt is not None:
+        node, name = prompt_field or find_prompt_field(graph)
+        put(node, name, prompt, "--prompts")
+    sized = [i for i, n in graph.items() if {"width", "height"} <= n["inputs"].keys()]
+    for node in sized if size else ():
+        put(node, "width", size[0], "--size")
+        put(node, "height", size[1], "--size")
+    seeded = [(i, k) for i, n in graph.items() for k in SEED_INPUTS if isinstance(n["inputs"].get(k), int)]
+    for node, name in seeded if seed is not None else ():
+        put(node, name, seed, "--seed")
+    if size and not sized:
+        raise ValueError("--size: no node of this workflow has width and height inputs")
+    if seed is not None and not seeded:
+        raise ValueError("--seed: no node of this workflow has a seed input")
+    return graph
+
+
+def run_job(client: Client, index: int, graph: dict, out: Path, log, lock, quiet: bool) -> bool:
+    record = {"job": index, "prompt_id": None, "prompt": None, "seed": None, "size": None}
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] in TEXT_NODES and record["prompt"] is None:
+            record["prompt"] = inputs.get("text")
+        record["seed"] = next((inputs[k] for k in SEED_INPUTS if isinstance(inputs.get(k), int)), record["seed"])
+        if {"width", "height"} <= inputs.keys():
+            record["size"] = [inputs["width"], inputs["height"]]
+    start = time.monotonic()
+    files, error = [], None
+    try:
+        record["prompt_id"] = client.queue(graph)
+
+        def show(message):
+            if not quiet and message["type"] == "progress":
+                data = message["data"]
+                print(f"job {index}: node {data['node']} {data['value']}/{data['max']}", file=sys.stderr)
+
+        entry = client.wait(record["prompt_id"], on_event=show)
+        error = failure(entry)
+        for node, output in entry.get("outputs", {}).items():
+            for ref in output.get("images", []):
+                if ref.get("type") != "output":
+                    continue
+                path = out / f"{index:05d}_{node}_{Path(ref['filename']).name}"
+                data = client.image(ref)
+                path.write_bytes(data)
+                files.append(str(path))
+                if data[12:16] == b"IHDR":  # a PNG: the size it came out at (img2img: the input's)
+                    record["size"] = list(struct.unpack(">II", data[16:24]))
+    except (ServerError, ConnectionError, TimeoutError) as e:
+        error = {"type": type(e).__name__, "message": str(e), **getattr(e, "details", {})}
+    record.update(seconds=round(time.monotonic() - start, 3), outputs=files, error=error)
+    with lock:
+        log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        log.flush()
+        if error:
+            print(f"job {index} failed: {json.dumps(error, ensure_ascii=False)}", file=sys.stderr)
+        elif not quiet:
+            print(f"job {index} done in {record['seconds']} s: {', '.join(files)}", file=sys.stderr)
+    return error is None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zimage_core.client", description=__doc__.split("\n\n")[0])
+    p.add_argument("workflow", type=Path, help="an API-format workflow (workflows/api/*.json)")
+    p.add_argument("--server", default="127.0.0.1:8188", help="host:port or URL of the ComfyUI server")
+    p.add_argument("--token", default=os.environ.get("COMFYUI_TOKEN"),
+                   help="bearer token for a server behind an authenticating proxy (default: $COMFYUI_TOKEN)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input")
+    p.add_argument("--prompts", type=Path, help="a text file: one job per non-empty line, its prompt")
+    p.add_argument("--prompt-field", metavar="NODE.INPUT", help="where --prompts go (default: the prompt node)")
+    p.add_argument("--seed", type=int, help="seed of the first job; job i gets seed + i")
+    p.add_argument("--size", help="WxH for every node with width and height inputs")
+    p.add_argument("--concurrency", type=int, default=1, help="most prompts in flight at once (default 1)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a request on connection errors")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for images and jobs.jsonl")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = p.parse_args(argv)
+    try:
+        workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
+        if not isinstance(workflow, dict) or "nodes" in workflow:
+            raise ValueError(f"{args.workflow}: not an API-format workflow (UI files are workflows/*.json)")
+        sets = [parse_set(s) for s in args.set]
+        field = tuple(args.prompt_field.split(".", 1)) if args.prompt_field else None
+        size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+        lines = [None]
+        if args.prompts:
+            lines = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        jobs = [job_prompt(workflow, sets, text, field, None if args.seed is None else args.seed + i, size)
+                for i, text in enumerate(lines)]  # fmt: skip
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    client = Client(args.server, args.token, args.retries)
+    client.listen()
+    lock = threading.Lock()
+    with open(args.out / "jobs.jsonl", "a", encoding="utf-8") as log, ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(
+            pool.map(lambda j: run_job(client, j[0], j[1], args.out, log, lock, args.quiet), enumerate(jobs))
+        )
+    client.close()
+    failed = results.count(False)
+    print(f"{len(results) - failed} of {len(results)} jobs done; log: {args.out / 'jobs.jsonl'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
