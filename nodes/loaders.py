@@ -20,8 +20,6 @@ DEVICES = {  # (load, offload) per component, as ComfyUI places its own models
     "text_encoder": (mm.text_encoder_device, mm.text_encoder_offload_device),
     "vae": (mm.vae_device, mm.vae_offload_device),
 }
-
-
 DEVICE_CHOICES = ["default", "cpu"]
 
 
@@ -49,13 +47,14 @@ def load(component: str, folder: str, name: str, weight_dtype: str, device: str)
         raise FileNotFoundError(
             f"'{name}' is not in ComfyUI's {folder} folders ({folder_paths.get_folder_paths(folder)})"
         )
-    load_device, offload_device = ("cpu", "cpu") if device == "cpu" else (f() for f in DEVICES[component])
+    cpu = torch.device("cpu")
+    load_device, offload_device = (cpu, cpu) if device == "cpu" else (f() for f in DEVICES[component])
     if weight_dtype in DTYPES:
         dtype = DTYPES[weight_dtype]
     elif component == "vae":
         dtype = torch.float32  # as the official pipeline runs it
     else:
-        dtype = torch.bfloat16 if mm.should_use_bf16(torch.device(load_device)) else torch.float32
+        dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
     extra = {} if component == "vae" else {"weight_dtype": WEIGHT_DTYPES.get(weight_dtype)}
 
     def build():

@@ -103,6 +103,11 @@ class ZImageSampler(io.ComfyNode):
             raise ValueError("a mask needs the latent of the image to inpaint: connect Z-Image VAE Encode's output")
         transformer = ready(model)
         clean = None if latent is None else FLUX.normalize(latent["samples"].float())
+        if clean is not None and (clean.ndim != 4 or clean.shape[1] != transformer.cfg.in_channels):
+            raise ValueError(
+                f"the latent has shape {tuple(clean.shape)}; Z-Image samples 16-channel Flux latents (B, 16, h, w): "
+                "use EmptySD3LatentImage or Z-Image VAE Encode, not an SD 1.x/XL (4-channel) or video latent"
+            )
         n = batch_size if clean is None else clean.shape[0]
         seeds = [(seed + i) % 2**64 for i in range(n)]
         shape = (transformer.cfg.in_channels, height // sampling.FACTOR, width // sampling.FACTOR)

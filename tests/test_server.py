@@ -165,6 +165,10 @@ def test_a_failing_node_leaves_the_server_serving(server, client):
     error = failure(entry)
     assert error["type"] == "execution_error" and error["node_type"] == "ZImageSampler"
     assert "negative" in error["exception_message"]
+    graph = small(workflow("zimage_turbo_with_native_nodes"))
+    graph[node_of(graph, "EmptySD3LatentImage")]["class_type"] = "EmptyLatentImage"  # an SD 1.x latent: 4 channels
+    error = failure(run(client, graph))
+    assert error["node_type"] == "ZImageSampler" and "16-channel" in error["exception_message"]
     broken = server.base / "models" / "diffusion_models" / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file at all")
     graph = small(workflow("zimage_turbo_text_to_image"))
