@@ -159,12 +159,13 @@ class Block(nn.Module):
         if modulated:
             self.adaLN_modulation = nn.Sequential(Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, c=None) -> torch.Tensor:
-        """x: fp32 residual stream (B, S, dim); c: conditioning (B, 1 or S, 256) for modulated blocks."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, c=None, noisy=None):
+        """x: fp32 residual stream (B, S, dim); c: conditioning (B, 1, 256) for modulated blocks, or (Omni) a pair
+        (noisy, clean) chosen per token by `noisy` (B, S, 1)."""
         if c is None:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).float().chunk(4, dim=-1)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = per_token(self.adaLN_modulation, c, noisy).chunk(4, dim=-1)
         h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
         x = x + gate_msa.tanh() * self.attention_norm2(h)
         h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
@@ -189,9 +190,16 @@ class FinalLayer(nn.Module):
         self.linear = Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(min(dim, ADALN_DIM), dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale = 1 + self.adaLN_modulation(c).float()
+    def forward(self, x: torch.Tensor, c, noisy=None) -> torch.Tensor:
+        scale = 1 + per_token(self.adaLN_modulation, c, noisy)
         return self.linear(F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * scale)
+
+
+def per_token(modulation: nn.Module, c, noisy: torch.Tensor | None) -> torch.Tensor:
+    """The modulation of `c`; for Omni, of c = (noisy, clean) picked per token (each computed once, as diffusers)."""
+    if noisy is None:
+        return modulation(c).float()
+    return torch.where(noisy, modulation(c[0]).float(), modulation(c[1]).float())
 
 
 class Layout(NamedTuple):
@@ -205,13 +213,23 @@ class Layout(NamedTuple):
     mask: torch.Tensor | None  # (B, N_pad + L_pad) the same for the unified sequence
 
 
+def angles(cfg: TransformerConfig, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """RoPE cos and sin (..., 1, head_dim/2, 2) of position ids (..., 3), as the official model builds its tables
+    (float64 products, rounded to fp32, then cos/sin in fp32), on the CPU so devices without float64 work too."""
+    parts = []
+    for axis, d in enumerate(cfg.axes_dims):
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        parts.append((ids[..., axis : axis + 1].double() * inv).float())
+    a = torch.cat(parts, dim=-1)
+    return torch.stack((a.cos(), a.sin()), dim=-1).unsqueeze(-3).to(device)
+
+
 @functools.lru_cache(maxsize=16)
 def layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, ...], device: torch.device) -> Layout:
     """Position ids, RoPE angles and masks for image tokens of an (h, w) grid and captions of `cap_lens`.
 
     Per item: caption ids are (1 .. Lpad, 0, 0) (pad tokens continue the count), image ids (Lpad + 1, row, col),
-    image pad tokens (0, 0, 0). Angles are built as the official model builds its tables (float64 products,
-    rounded to fp32, then cos/sin in fp32), on the CPU so devices without float64 work too.
+    image pad tokens (0, 0, 0).
     """
     h, w = grid
     n = h * w
@@ -232,15 +250,7 @@ def layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, .
     img_ids[:, :n, 1] = rows.flatten()
     img_ids[:, :n, 2] = cols.flatten()
 
-    def angles(ids: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for axis, d in enumerate(cfg.axes_dims):
-            inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-            parts.append((ids[..., axis : axis + 1].double() * inv).float())
-        a = torch.cat(parts, dim=-1)
-        return torch.stack((a.cos(), a.sin()), dim=-1).unsqueeze(-3).to(device)
-
-    img_rope, cap_rope = angles(img_ids), angles(cap_ids).expand(bsz, -1, -1, -1, -1)
+    img_rope, cap_rope = angles(cfg, img_ids, device), angles(cfg, cap_ids, device).expand(bsz, -1, -1, -1, -1)
     keep = torch.arange(l_max)[None] < padded[:, None]
     cap_mask = mask = None
     if not keep.all():
@@ -248,6 +258,83 @@ def layout(cfg: TransformerConfig, grid: tuple[int, int], cap_lens: tuple[int, .
         mask = torch.cat([torch.ones(bsz, img_ids.shape[1], dtype=torch.bool), keep], dim=1).to(device)
     cap_real = (torch.arange(l_max)[None] < torch.tensor(cap_lens)[:, None])[..., None].to(device)
     return Layout(img_rope, cap_rope, torch.cat([img_rope, cap_rope], dim=1), cap_real, cap_mask, mask)
+
+
+class OmniItem(NamedTuple):
+    """Position ids (n, 3) and noisy flags (n,) of one Omni item's captions, images and SigLIP tokens."""
+
+    cap_ids: torch.Tensor
+    img_ids: torch.Tensor
+    sig_ids: torch.Tensor
+    cap_noisy: torch.Tensor
+    img_noisy: torch.Tensor
+    sig_noisy: torch.Tensor
+
+
+def padded(n: int) -> int:
+    return n + (-n % SEQ_MULTIPLE)
+
+
+@functools.lru_cache(maxsize=64)
+def omni_item(cfg: TransformerConfig, seg_lens: tuple[int, ...], grids: tuple, sig_grids: tuple) -> OmniItem:
+    """The ids diffusers 0.42.1 gives an Omni item: N + 2 caption segments of `seg_lens` tokens around N reference
+    images and the target (latent sizes `grids`, the target last), and the references' SigLIP grids.
+
+    One counter runs over the segments: segment j starts at c_j, image j sits at c_j + L_j (unpadded), its SigLIP
+    tokens one further with (row, col) rescaled to the latent grid; then c_{j+1} = c_j + L_j + 2. diffusers lists
+    each segment's ids as its padded length of running ids followed by (padded - L_j) zero rows and reads the
+    concatenation row by row, so later segments' rows shift; that is reproduced (zimage-spec.md 7.4).
+    Captions before reference j and the references are clean; the prompt's segment, the last one and the target
+    (with its empty 32-token SigLIP slot) are noisy.
+    """
+    p, n_refs = cfg.patch_size, len(grids) - 1
+    listed, cap_noisy, ends, start = [], [], [], 1
+    for j, length in enumerate(seg_lens):
+        listed += [*range(start, start + padded(length)), *[0] * (padded(length) - length)]
+        cap_noisy += [j >= n_refs] * padded(length)
+        ends.append(start + length)
+        start += length + 2
+    cap_ids = torch.zeros(len(cap_noisy), 3, dtype=torch.int64)
+    cap_ids[:, 0] = torch.tensor(listed[: len(cap_noisy)])
+
+    def grid(first: int, h: int, w: int) -> torch.Tensor:
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ids = torch.zeros(padded(h * w), 3, dtype=torch.int64)
+        ids[: h * w] = torch.stack([torch.full((h * w,), first), rows.flatten(), cols.flatten()], dim=-1)
+        return ids
+
+    img_ids = [grid(ends[j], hgt // p, wid // p) for j, (hgt, wid) in enumerate(grids)]
+    img_noisy = [torch.full((len(ids),), j == n_refs) for j, ids in enumerate(img_ids)]
+    sig_ids, sig_noisy = [], []
+    for j, (hs, ws) in enumerate(sig_grids):
+        ids = grid(ends[j] + 1, hs, ws).float()
+        ids[:, 1] = ids[:, 1] / max(hs - 1, 1) * (grids[j][0] - 1)  # fp32, then truncated, as diffusers
+        ids[:, 2] = ids[:, 2] / max(ws - 1, 1) * (grids[j][1] - 1)
+        sig_ids.append(ids.to(torch.int32).long())
+        sig_noisy.append(torch.zeros(len(ids), dtype=torch.bool))
+    if sig_grids:  # the target's SigLIP slot: pad tokens only
+        sig_ids.append(torch.zeros(SEQ_MULTIPLE, 3, dtype=torch.int64))
+        sig_noisy.append(torch.ones(SEQ_MULTIPLE, dtype=torch.bool))
+    item = OmniItem(cap_ids, torch.cat(img_ids), torch.cat(sig_ids) if sig_ids else torch.zeros(0, 3, dtype=torch.int64),
+                    torch.tensor(cap_noisy), torch.cat(img_noisy),
+                    torch.cat(sig_noisy) if sig_noisy else torch.zeros(0, dtype=torch.bool))  # fmt: skip
+    largest = torch.cat([item.cap_ids, item.img_ids, item.sig_ids]).amax(0)
+    for axis, (top, limit) in enumerate(zip(largest.tolist(), cfg.axes_lens)):
+        if top >= limit:
+            raise ValueError(f"Omni sequence beyond this model's RoPE table: position {top} on axis {axis} "
+                             f"(limit {limit - 1}; captions {seg_lens}, latents {grids})")  # fmt: skip
+    return item
+
+
+def stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Right-pad sequences (n_i, ...) with zeros into (B, n_max, ...); the key mask, or None when all are equal."""
+    longest = max(len(r) for r in rows)
+    out = torch.stack([F.pad(r, (0, 0) * (r.dim() - 1) + (0, longest - len(r))) for r in rows])
+    if all(len(r) == longest for r in rows):
+        return out, None
+    return out, torch.arange(longest, device=out.device)[None] < torch.tensor(
+        [len(r) for r in rows], device=out.device
+    )[:, None]
 
 
 class ZImageTransformer(nn.Module):
@@ -317,3 +404,89 @@ class ZImageTransformer(nn.Module):
 
         out = self.final_layer(seq[:, :n], cond)
         return out.view(bsz, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(bsz, c, hgt, wid).to(x.dtype)
+
+    def forward_omni(self, x, t, segments, refs, siglip=None) -> torch.Tensor:
+        """Omni/Edit: the target's velocity given reference images, as diffusers' `ZImageOmniPipeline` runs it.
+
+        x: noisy target latents (B, C, H, W); t: model time (B,); refs: N clean reference latents, each
+        (B or 1, C, H_j, W_j); segments: the caption pieces around the images (N + 2; one without references;
+        reference j follows piece j, the target follows piece N), each (features (B, L, cap_feat_dim), per-item lengths), e.g. `Embeddings`;
+        siglip: per reference its SigLIP2 features (Hs, Ws, siglip_feat_dim), shared by the batch, or None.
+        Per item the sequence is [captions, images, SigLIP]; references and target share the noise refiner.
+        """
+        cfg, p, bsz = self.cfg, self.cfg.patch_size, x.shape[0]
+        if len(segments) < len(refs) + 1:
+            raise ValueError(f"{len(refs)} reference images need {len(refs) + 2} caption segments, got {len(segments)}")
+        if siglip is not None and (len(siglip) != len(refs) or cfg.siglip_feat_dim is None):
+            raise ValueError("SigLIP features need an Omni transformer and one (Hs, Ws, C) tensor per reference")
+        images = [r.expand(bsz, -1, -1, -1) for r in refs] + [x]
+        grids = tuple(tuple(im.shape[2:]) for im in images)
+        if any(hgt % p or wid % p for hgt, wid in grids):
+            raise ValueError(f"latent sizes {grids} are not all multiples of the patch size {p}")
+        sig_grids = tuple(tuple(sg.shape[:2]) for sg in siglip) if siglip else ()
+        lengths = [tuple(int(seg[1][i]) for seg in segments) for i in range(bsz)]
+        items = [omni_item(cfg, lens, grids, sig_grids) for lens in lengths]
+        dev = x.device
+        c = (self.t_embedder(t * cfg.t_scale)[:, None], self.t_embedder(torch.ones_like(t) * cfg.t_scale)[:, None])
+
+        def pad(token: nn.Parameter, n: int) -> torch.Tensor:
+            return token.float().expand(n, -1)
+
+        pieces = []
+        for im in images:
+            ch, h, w = im.shape[1], im.shape[2] // p, im.shape[3] // p
+            patches = im.reshape(bsz, ch, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, h * w, p * p * ch)
+            pieces += [
+                self.x_embedder(patches).float(),
+                pad(self.x_pad_token, padded(h * w) - h * w).expand(bsz, -1, -1),
+            ]
+        img = torch.cat(pieces, dim=1)
+        img_noisy = items[0].img_noisy.to(dev)[None, :, None]
+        img_rope = angles(cfg, torch.stack([it.img_ids for it in items]), dev)
+        for block in self.noise_refiner:
+            img = block(img, img_rope, None, c, img_noisy)
+
+        caps = []
+        for i, lens in enumerate(lengths):
+            parts = [(self.cap_embedder(seg[0][i, :n]).float(), pad(self.cap_pad_token, padded(n) - n))
+                     for seg, n in zip(segments, lens)]  # fmt: skip
+            caps.append(torch.cat([piece for part in parts for piece in part]))
+        cap, cap_mask = stack_padded(caps)
+        cap_rope = angles(cfg, stack_padded([it.cap_ids for it in items])[0], dev)
+        for block in self.context_refiner:
+            cap = block(cap, cap_rope, cap_mask)
+
+        sig = None
+        if siglip:
+            pieces = []
+            for feats in siglip:
+                hs, ws, cs = feats.shape
+                flat = feats.permute(2, 0, 1).reshape(hs * ws, cs)  # channel-major, as diffusers reads them
+                pieces += [
+                    self.siglip_embedder(flat.to(dev)).float(),
+                    pad(self.siglip_pad_token, padded(hs * ws) - hs * ws),
+                ]
+            pieces.append(pad(self.siglip_pad_token, SEQ_MULTIPLE))
+            sig = torch.cat(pieces)[None].expand(bsz, -1, -1)
+            sig_rope = angles(cfg, torch.stack([it.sig_ids for it in items]), dev)
+            for block in self.siglip_refiner:
+                sig = block(sig, sig_rope, None)
+
+        seqs, ids, flags = [], [], []
+        for i, it in enumerate(items):
+            seqs.append(torch.cat([cap[i, : len(it.cap_ids)], img[i], *([sig[i]] if sig is not None else [])]))
+            ids.append(torch.cat([it.cap_ids, it.img_ids, it.sig_ids]))
+            flags.append(torch.cat([it.cap_noisy, it.img_noisy, it.sig_noisy]))
+        seq, mask = stack_padded(seqs)
+        rope = angles(cfg, stack_padded(ids)[0], dev)
+        noisy = stack_padded([f[:, None] for f in flags])[0].to(dev)
+        for block in self.layers:
+            seq = block(seq, rope, mask, c, noisy)
+
+        hgt, wid = x.shape[2:]
+        n = (hgt // p) * (wid // p)
+        start = [len(it.cap_ids) + len(it.img_ids) - padded(n) for it in items]  # the target is the last image
+        target = torch.stack([seq[i, s : s + n] for i, s in enumerate(start)])
+        out = self.final_layer(target, c, torch.stack([noisy[i, s : s + n] for i, s in enumerate(start)]))
+        ch = x.shape[1]
+        return out.view(bsz, hgt // p, wid // p, p, p, ch).permute(0, 5, 1, 3, 2, 4).reshape(x.shape).to(x.dtype)
