@@ -118,3 +118,21 @@ def test_seed_variety_changes_the_image_and_keeps_seeds_reproducible(tmp_path):
     assert np.array_equal(outputs["varied"], outputs["varied_again"])
     assert not np.array_equal(outputs["varied"], outputs["plain"])
     assert json.loads(Image.open(tmp_path / "varied.png").info["parameters"])["variety"] == [0.8, 2]
+
+
+def test_edit_images_on_tiny_random_weights(tmp_path):
+    """`--edit-image` twice: the Omni path end to end; the output takes the last reference's size (cut to 4)."""
+    rng = np.random.RandomState(1)
+    for name, size in (("a.png", (70, 90)), ("b.png", (66, 75))):
+        Image.fromarray(rng.randint(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / name)
+    result = generate("--model", "tiny-random", "--prompt", "the cat from the first on the second", "--steps", "2",
+                      "--cfg", "2", "--edit-image", tmp_path / "a.png", "--edit-image", tmp_path / "b.png",
+                      "--out", tmp_path / "edit.png")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "edit.png") as image:
+        assert image.size == (72, 64)
+        params = json.loads(image.text["parameters"])
+    assert params["size"] == "72x64" and len(params["edit_images"]) == 2
+    result = generate("--model", "tiny-random", "--prompt", "x", "--edit-image", tmp_path / "a.png", "--init-image",
+                      tmp_path / "b.png", "--out", tmp_path / "x.png")  # fmt: skip
+    assert result.returncode != 0 and "do not combine" in result.stderr

@@ -105,9 +105,14 @@ def read_image(path: str, mode: str) -> torch.Tensor:
 
 def generate(args) -> int:
     """Generate images from a prompt, with the models loaded one at a time, and save them as PNG."""
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    width, height = (int(v) for v in args.size.lower().split("x")) if args.size else (None, None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = find_models(args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae)
+    models = find_models(args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
+                         siglip=args.siglip)  # fmt: skip
+    references = []
+    for path in args.edit_image:
+        with Image.open(path) as image:
+            references.append(image.convert("RGB"))
     seeds = [args.seed + i for i in range(args.batch)]
     init = read_image(args.init_image, "RGB") if args.init_image else None
     mask = read_image(args.mask, "L")[..., 0] if args.mask else None
@@ -123,8 +128,9 @@ def generate(args) -> int:
     result = pipeline_generate(
         models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype], init, strength, mask,
-        args.variety, args.variety_steps, callback=progress,
+        args.variety, args.variety_steps, references or None, callback=progress,
     )  # fmt: skip
+    height, width = result.images.shape[1:3]
     bar.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +140,7 @@ def generate(args) -> int:
         params = {
             "prompt": args.prompt, "negative": args.negative, "size": f"{width}x{height}", "steps": args.steps,
             "cfg": args.cfg, "seed": seed, "strength": strength if init is not None else None,
+            "edit_images": [str(e) for e in args.edit_image] or None,
             "variety": [args.variety, args.variety_steps] if args.variety else None,
             "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
         }  # fmt: skip
@@ -176,20 +183,25 @@ def main(argv=None) -> int:
     p.add_argument("--transformer", help="transformer file or folder (wins over --model)")
     p.add_argument("--text-encoder", help="text encoder file or folder, e.g. qwen_3_4b.safetensors")
     p.add_argument("--vae", help="VAE file or folder, e.g. ae.safetensors")
-    p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    p.add_argument("--siglip", help="SigLIP2 vision encoder folder or file, for --edit-image (Omni/Edit)")
+    p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024; editing: the last image's)")
     p.add_argument("--steps", type=int, default=8, help="transformer evaluations (default 8, Turbo)")
     p.add_argument(
         "--cfg", type=float, default=1.0, help="ComfyUI's CFG scale: 1 = off (default); diffusers' g = cfg - 1"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch", type=int, default=1, help="images to generate")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16; the VAE runs in fp32)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16; the VAE: fp32, editing bf16)"
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--variety", type=float, default=0.0, help="Turbo seed variety: prompt noise strength (0 = off)")
     p.add_argument("--variety-steps", type=int, default=2, help="evaluations that see the varied prompt (default 2)")
     p.add_argument("--init-image", help="img2img: start from this image")
     p.add_argument("--strength", type=float, help="how much to change, ComfyUI's denoise (img2img 0.6, inpaint 1.0)")
     p.add_argument("--mask", help="inpaint: grayscale image, white = repaint (needs --init-image)")
+    p.add_argument("--edit-image", action="append", default=[], metavar="IMAGE",
+                   help="edit (Omni/Edit transformer + --siglip): a reference image the prompt refers to; repeatable")  # fmt: skip
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
     p.set_defaults(run=generate)

@@ -327,6 +327,83 @@ def vae_config(ckpt: Checkpoint, sources, config: dict | None) -> VAEConfig:
     )
 
 
+# ---- the SigLIP2 vision encoder (Omni/Edit reference images) ----
+
+SIGLIP_MARKER = "embeddings.patch_embedding.weight"
+SIGLIP_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                      "patch_size", "num_patches", "hidden_act", "layer_norm_eps")  # fmt: skip
+
+
+def siglip_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str]:
+    """Map Siglip2VisionModel's names to the file's (any prefix: none, `vision_model.`, `siglip.` ...); the pooling
+    head and a full SigLIP2's text tower are never loaded (Z-Image reads the last hidden state)."""
+    found = sorted({n[: -len(SIGLIP_MARKER)] for n in ckpt.names if n.endswith(SIGLIP_MARKER)})
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{ckpt.path}: not a SigLIP2 vision encoder (Z-Image Omni/Edit's reference-image encoder): it looks "
+            f"like {looks_like(ckpt.names)}."
+        )
+    prefix = found[0]
+    rest = [n[len(prefix) :] for n in ckpt.names if n.startswith(prefix)]
+    return {n: [prefix + n] for n in rest if not n.startswith("head.")}, prefix
+
+
+def siglip_config(ckpt: Checkpoint, sources, config: dict | None) -> dict:
+    """Siglip2VisionConfig arguments from config.json (a vision model's, or a full SigLIP2's vision_config), else
+    from the shapes; the head count is not in the shapes: the SigLIP2 family uses heads of 64 or (so400m) 72."""
+    config = config if config is not None else ckpt.config
+    if config is not None:
+        config = config.get("vision_config", config)
+        if config.get("model_type", "siglip2_vision_model") not in ("siglip2_vision_model", "siglip2"):
+            raise CheckpointError(f"{ckpt.path}: config.json describes a {config['model_type']}, not SigLIP2.")
+        return {k: config[k] for k in SIGLIP_CONFIG_KEYS if k in config}
+
+    def shape(name):
+        if name not in sources:
+            raise CheckpointError(f"{ckpt.path}: missing {name}, which every SigLIP2 vision encoder has.")
+        return ckpt.shape(sources[name][0])
+
+    hidden, patch_pixels = shape(SIGLIP_MARKER)
+    layers = 1 + max(int(m.group(1)) for n in sources if (m := re.match(r"encoder\.layers\.(\d+)\.", n)))
+    head = 64 if hidden % 64 == 0 else 72
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": shape("encoder.layers.0.mlp.fc1.weight")[0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // head,
+        "patch_size": round((patch_pixels / 3) ** 0.5),
+        "num_patches": shape("embeddings.position_embedding.weight")[0],
+    }
+
+
+def load_siglip(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                config: dict | None = None):  # fmt: skip
+    """Load the SigLIP2 vision encoder (transformers' `Siglip2VisionModel`) and its image processor from a
+    transformers folder, a pipeline folder (`siglip/`, `siglip_processor/`) or a single safetensors file.
+
+    The processor is the folder's own (`preprocessor_config.json` there or in `../siglip_processor/`), else
+    transformers' defaults for the model's patch size.
+    """
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    with open_checkpoint(path, "siglip") as ckpt:
+        sources, prefix = siglip_sources(ckpt)
+        cfg = siglip_config(ckpt, sources, config)
+        with torch.device("meta"):
+            model = Siglip2VisionModel(Siglip2VisionConfig(**cfg, vision_use_head=False))
+        source = "inferred from the tensors" if config is None and ckpt.config is None else "config.json"
+        described = f"a SigLIP2 vision encoder with hidden size {cfg['hidden_size']}, {cfg.get('num_hidden_layers')} layers ({source})"
+        fill(model, ckpt, sources, torch.device(device), dtype, None, described)
+        here = ckpt.files[0].path.parent
+        folders = [f for f in (here, here.parent / "siglip_processor") if (f / "preprocessor_config.json").is_file()]
+        if folders and ckpt.layout != "single file":
+            processor = Siglip2ImageProcessor.from_pretrained(str(folders[0]))
+        else:
+            processor = Siglip2ImageProcessor(patch_size=cfg.get("patch_size", 16))
+        model.info = ModelInfo(**describe("SigLIP2 vision encoder", model, ckpt, prefix, cfg, device, dtype))
+    return model.eval().requires_grad_(False), processor
+
+
 @dataclass
 class TransformerInfo(ModelInfo):
     variant: str

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import Qwen3Config
 
 from .checkpoint import CheckpointError
-from .loaders import LOADERS
+from .edit import EditModel, encode_prompts, prepare_references, reference_latents, siglip_features
+from .loaders import LOADERS, load_siglip
 from .sampling import PATCH, check_size, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
@@ -30,7 +32,7 @@ COMFY_FOLDERS = {
     "text_encoder": (("text_encoders", "clip"), ("qwen_3_4b", "qwen3_4b", "qwen3-4b")),
     "vae": (("vae",), ("ae.safetensors", "flux", "z_image", "zimage")),
 }
-FLAGS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
+FLAGS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae", "siglip": "--siglip"}
 
 
 @dataclass
@@ -40,12 +42,20 @@ class Models:
     transformer: str | Path
     text_encoder: str | Path
     vae: str | Path
+    siglip: str | Path | None = None  # SigLIP2, needed only to edit with reference images (Omni/Edit)
 
 
 def find_models(model: str | Path | None, **given: str | Path | None) -> Models:
     """Resolve `model` (a diffusers pipeline folder, a ComfyUI `models/` folder, or `tiny-random`) and any files
-    given per component (`transformer=`, `text_encoder=`, `vae=`, which win)."""
+    given per component (`transformer=`, `text_encoder=`, `vae=`, `siglip=`, which win). SigLIP2 is looked for
+    (a pipeline's `siglip/`, or ComfyUI's `clip_vision/siglip2*`) but not required."""
     found = {}
+    if given.get("siglip") or str(model) == TINY_RANDOM:
+        found["siglip"] = given.get("siglip") or TINY_RANDOM
+    elif model is not None:
+        root = Path(model).expanduser()
+        candidates = [root / "siglip", *sorted((root / "clip_vision").glob("siglip2*.safetensors"))]
+        found["siglip"] = next((c for c in candidates if c.exists()), None)
     for component, (folders, names) in COMFY_FOLDERS.items():
         if given.get(component):
             found[component] = given[component]
@@ -87,9 +97,9 @@ def tiny_random(component: str, device, dtype):
         torch.manual_seed(0)
         if component == "transformer":
             cfg = TransformerConfig(dim=64, n_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=32,
-                                    axes_dims=(8, 12, 12))  # fmt: skip
+                                    axes_dims=(8, 12, 12), siglip_feat_dim=32)  # fmt: skip
             model = ZImageTransformer(cfg)
-            for p in (model.x_pad_token, model.cap_pad_token):
+            for p in (model.x_pad_token, model.cap_pad_token, model.siglip_pad_token):
                 p.data.normal_()
         elif component == "text_encoder":
             config = Qwen3Config(
@@ -97,16 +107,25 @@ def tiny_random(component: str, device, dtype):
                 num_key_value_heads=1, head_dim=16, vocab_size=151936, attn_implementation="sdpa",
             )  # fmt: skip
             model = TextEncoder(config, load_tokenizer())
+        elif component == "siglip":  # imported here: transformers warns at import when torchvision is absent
+            from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+            config = Siglip2VisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=2, patch_size=8, num_patches=16, vision_use_head=False)  # fmt: skip
+            model = Siglip2VisionModel(config)
+            return model.to(device, dtype).eval().requires_grad_(False), Siglip2ImageProcessor(patch_size=8)
         else:
             model = VAE(VAEConfig(block_out_channels=(32, 32), layers_per_block=1))
     return model.to(device, dtype).eval().requires_grad_(False)
 
 
 def load(component: str, path, device, dtype):
-    dtype = torch.float32 if component == "vae" else dtype  # the VAE runs in fp32, as the official pipeline does
+    """A model (SigLIP2: the model and its image processor) from `path`, or a tiny random one."""
+    if path is None:
+        raise CheckpointError(f"no {component.replace('_', ' ')} given: pass {FLAGS[component]} PATH")
     if str(path) == TINY_RANDOM:
         return tiny_random(component, device, dtype)
-    return LOADERS[component](path, device, dtype)
+    return (load_siglip if component == "siglip" else LOADERS[component])(path, device, dtype)
 
 
 def release(model_device):
@@ -126,8 +145,8 @@ def generate(
     models: Models,
     prompts: list[str],
     negatives: list[str] | None = None,
-    width: int = 1024,
-    height: int = 1024,
+    width: int | None = None,
+    height: int | None = None,
     steps: int = 8,
     cfg: float = 1.0,
     seeds: list[int] | None = None,
@@ -138,10 +157,12 @@ def generate(
     masks: torch.Tensor | None = None,
     variety: float = 0.0,
     variety_steps: int = 2,
+    references: list[Image.Image] | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> Result:
-    """Text-to-image, img2img (`init_images`, `strength`) or inpaint (`masks` (B, H, W), 1 = repaint).
+    """Text-to-image (1024x1024 unless sized), img2img (`init_images`, `strength`), inpaint (`masks` (B, H, W),
+    1 = repaint) or edit (`references`: images an Omni/Edit transformer follows; the size defaults to the last's).
 
     `cfg` is ComfyUI's (1 = off; the references' guidance scale is cfg - 1); with it on, `negatives` default to "".
     Each image has its own seed (default 0, 1, ...), drawn as diffusers draws per-image generators.
@@ -151,13 +172,31 @@ def generate(
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    vae = load("vae", models.vae, device, dtype)  # small, and it tells the size rules before anything slow runs
-    check_size(width, height, vae.cfg.factor * PATCH)
+    if references and (init_images is not None or variety > 0):
+        raise ValueError("reference images (edit) do not combine with an init image or seed variety")
+    n_refs = len(references or [])
+    # small, and it tells the size rules before anything slow runs; fp32 as the official pipeline, bf16 for edits
+    # as the reference edit pipeline runs it (it encodes references in bf16 and requires a bf16 VAE)
+    vae = load("vae", models.vae, device, torch.bfloat16 if references else torch.float32)
+    cell = vae.cfg.factor * PATCH
+    refs = features = None
+    if references:
+        resized, cropped = prepare_references(references, cell, width * height if width and height else None)
+        width, height = width or cropped[-1].shape[2], height or cropped[-1].shape[1]
+        refs = reference_latents(vae, cropped)
+        features = siglip_features(*load("siglip", models.siglip, device, dtype), resized)
+        release(device)
+    width, height = width or 1024, height or 1024
+    check_size(width, height, cell)
     if init_images is not None:
         start_index(steps, strength)  # a strength that leaves no step fails here, not after loading
     encoder = load("text_encoder", models.text_encoder, device, dtype)
-    cond = encoder.encode(prompts)
-    uncond = encoder.encode(negatives or [""] * len(prompts)) if cfg > 1 else None
+    if references:
+        cond = encode_prompts(encoder, prompts, n_refs)
+        uncond = encode_prompts(encoder, negatives or [""] * len(prompts), n_refs) if cfg > 1 else None
+    else:
+        cond = encoder.encode(prompts)
+        uncond = encoder.encode(negatives or [""] * len(prompts)) if cfg > 1 else None
     del encoder
     release(device)
 
@@ -169,10 +208,16 @@ def generate(
         clean, start = encode_with_noise(vae, init_images.expand(len(seeds), -1, -1, -1), seeds)
     shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
     transformer = load("transformer", models.transformer, device, dtype)
-    latents = denoise(transformer, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
+    if references and transformer.cfg.siglip_feat_dim is None:
+        raise CheckpointError(
+            f"{models.transformer}: not an Omni/Edit transformer (it has no SigLIP weights); editing with reference "
+            "images needs the Z-Image-Omni or Z-Image-Edit transformer"
+        )
+    model = EditModel(transformer, refs, features) if references else transformer
+    latents = denoise(model, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
                       strength=strength, masks=masks if clean is not None else None, variety=variety,
                       variety_steps=variety_steps, factor=vae.cfg.factor, callback=callback, cancelled=cancelled)  # fmt: skip
-    del transformer
+    del transformer, model
     release(device)
-    z = vae.cfg.denormalize(latents)
-    return Result(vae.decode(z), z.cpu(), cond.dropped)
+    z = vae.cfg.denormalize(latents.to(vae.dtype))  # in the VAE's dtype, as the references decode
+    return Result(vae.decode(z), z.float().cpu(), cond.dropped)

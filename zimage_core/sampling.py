@@ -144,7 +144,7 @@ def sample(
                 norm = v.flatten(1).norm(dim=1)
                 v = v * torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None, None, None]
         else:
-            v = model(x.to(dtype), t, captions[:n, : max(lengths[:n])], lengths[:n]).float()
+            v = model(x.to(dtype), t, captions[:n], lengths[:n]).float()
         x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
         if callback is not None:
             callback(i + 1, total, x - schedule[i + 1].to(device) * -v)

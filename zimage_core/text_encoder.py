@@ -51,11 +51,11 @@ class Tokens(NamedTuple):
     dropped: tuple[int, ...]  # tokens cut from the end of each item by the maximum length (0: none)
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int | None = MAX_LENGTH) -> Tokens:
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = MAX_LENGTH, template: str = TEMPLATE) -> Tokens:
     """Template and tokenize each prompt; keep the first `max_length` tokens as the references do (None: all)."""
     if not prompts:
         raise ValueError("no prompts to encode: pass at least one (an empty string is a valid prompt)")
-    full = [tokenizer(TEMPLATE.format(p)).input_ids for p in prompts]
+    full = [tokenizer(template.format(p)).input_ids for p in prompts]
     kept = [ids[:max_length] if max_length is not None else ids for ids in full]
     for i, (ids, cut) in enumerate(zip(full, kept)):
         if len(ids) > len(cut):
@@ -117,10 +117,14 @@ class TextEncoder(nn.Module):
         return out.masked_fill(~real[..., None], 0)
 
     @torch.no_grad()
-    def encode(self, prompts: str | list[str], max_length: int | None = MAX_LENGTH) -> Embeddings:
-        """Encode a batch of prompts in one pass (for CFG: the prompts and then their negatives)."""
+    def encode(
+        self, prompts: str | list[str], max_length: int | None = MAX_LENGTH, template: str = TEMPLATE
+    ) -> Embeddings:
+        """Encode a batch of prompts in one pass (for CFG: the prompts and then their negatives).
+
+        `template` wraps each prompt ("{}": the text as it is, for Omni's pieces of the template)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tokens = tokenize(self.tokenizer, prompts, max_length)
+        tokens = tokenize(self.tokenizer, prompts, max_length, template)
         device = self.model.embed_tokens.weight.device
         features = self(tokens.ids.to(device), tokens.lengths)
         return Embeddings(features, tokens.lengths, tokens.dropped)

@@ -215,13 +215,13 @@ class Layout(NamedTuple):
 
 def angles(cfg: TransformerConfig, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     """RoPE cos and sin (..., 1, head_dim/2, 2) of position ids (..., 3), as the official model builds its tables
-    (float64 products, rounded to fp32, then cos/sin in fp32), on the CPU so devices without float64 work too."""
+    (float64 products, rounded to fp32, then `torch.polar`), on the CPU so devices without float64 work too."""
     parts = []
     for axis, d in enumerate(cfg.axes_dims):
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
         parts.append((ids[..., axis : axis + 1].double() * inv).float())
     a = torch.cat(parts, dim=-1)
-    return torch.stack((a.cos(), a.sin()), dim=-1).unsqueeze(-3).to(device)
+    return torch.view_as_real(torch.polar(torch.ones_like(a), a)).unsqueeze(-3).to(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -429,45 +429,38 @@ class ZImageTransformer(nn.Module):
         dev = x.device
         c = (self.t_embedder(t * cfg.t_scale)[:, None], self.t_embedder(torch.ones_like(t) * cfg.t_scale)[:, None])
 
-        def pad(token: nn.Parameter, n: int) -> torch.Tensor:
-            return token.float().expand(n, -1)
+        def embed(embedder, token, rows: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+            """Each item's pieces padded to whole blocks and embedded in one call over the batch, as diffusers does
+            (so the same matrix products run); pad rows then become the pad token."""
+            pieces = [[F.pad(r[None], (0, 0, 0, padded(len(r)) - len(r)), mode="replicate")[0] if len(r) else
+                       r.new_zeros(SEQ_MULTIPLE, r.shape[1]) for r in item] for item in rows]  # fmt: skip
+            real = torch.cat(
+                [torch.arange(len(q)) < len(r) for item, raw in zip(pieces, rows) for q, r in zip(item, raw)]
+            )
+            out = torch.where(real[:, None].to(dev), embedder(torch.cat([torch.cat(i) for i in pieces])).float(),
+                              token.float())  # fmt: skip
+            return list(out.split([sum(map(len, item)) for item in pieces]))
 
-        pieces = []
+        patches = []
         for im in images:
             ch, h, w = im.shape[1], im.shape[2] // p, im.shape[3] // p
-            patches = im.reshape(bsz, ch, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, h * w, p * p * ch)
-            pieces += [
-                self.x_embedder(patches).float(),
-                pad(self.x_pad_token, padded(h * w) - h * w).expand(bsz, -1, -1),
-            ]
-        img = torch.cat(pieces, dim=1)
+            patches.append(im.reshape(bsz, ch, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, h * w, p * p * ch))
+        img = torch.stack(embed(self.x_embedder, self.x_pad_token, [[q[i] for q in patches] for i in range(bsz)]))
         img_noisy = items[0].img_noisy.to(dev)[None, :, None]
         img_rope = angles(cfg, torch.stack([it.img_ids for it in items]), dev)
         for block in self.noise_refiner:
             img = block(img, img_rope, None, c, img_noisy)
 
-        caps = []
-        for i, lens in enumerate(lengths):
-            parts = [(self.cap_embedder(seg[0][i, :n]).float(), pad(self.cap_pad_token, padded(n) - n))
-                     for seg, n in zip(segments, lens)]  # fmt: skip
-            caps.append(torch.cat([piece for part in parts for piece in part]))
-        cap, cap_mask = stack_padded(caps)
+        rows = [[seg[0][i, :n] for seg, n in zip(segments, lens)] for i, lens in enumerate(lengths)]
+        cap, cap_mask = stack_padded(embed(self.cap_embedder, self.cap_pad_token, rows))
         cap_rope = angles(cfg, stack_padded([it.cap_ids for it in items])[0], dev)
         for block in self.context_refiner:
             cap = block(cap, cap_rope, cap_mask)
 
         sig = None
-        if siglip:
-            pieces = []
-            for feats in siglip:
-                hs, ws, cs = feats.shape
-                flat = feats.permute(2, 0, 1).reshape(hs * ws, cs)  # channel-major, as diffusers reads them
-                pieces += [
-                    self.siglip_embedder(flat.to(dev)).float(),
-                    pad(self.siglip_pad_token, padded(hs * ws) - hs * ws),
-                ]
-            pieces.append(pad(self.siglip_pad_token, SEQ_MULTIPLE))
-            sig = torch.cat(pieces)[None].expand(bsz, -1, -1)
+        if siglip:  # read channel-major, as diffusers reads them; the target's slot holds pad tokens only
+            flat = [f.permute(2, 0, 1).reshape(f.shape[0] * f.shape[1], f.shape[2]).to(dev) for f in siglip]
+            sig = torch.stack(embed(self.siglip_embedder, self.siglip_pad_token, [[*flat, flat[0][:0]]] * bsz))
             sig_rope = angles(cfg, torch.stack([it.sig_ids for it in items]), dev)
             for block in self.siglip_refiner:
                 sig = block(sig, sig_rope, None)

@@ -1,0 +1,114 @@
+"""Edit conditioning for Z-Image Omni/Edit: reference images given to the transformer twice, as clean VAE latents
+and as SigLIP2 features, with the prompt's chat template cut at one vision slot per image. Everything is built as
+diffusers' `ZImageOmniPipeline` builds it (zimage-spec.md 7.4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .text_encoder import MAX_LENGTH, TEMPLATE, Embeddings
+
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+REFERENCE_AREA = 1024 * 1024  # larger references are scaled down to this area (or to the output's, when given)
+
+
+def segments(prompt: str, n_images: int) -> list[str]:
+    """The chat template cut at each vision slot: N + 2 pieces (reference j follows piece j, the target piece N);
+    without references, the plain template."""
+    if n_images == 0:
+        return [TEMPLATE.format(prompt)]
+    user, assistant = TEMPLATE.split("{}")
+    middle = [VISION_END + VISION_START] * (n_images - 1)
+    return [user + VISION_START, *middle, VISION_END + prompt + assistant + VISION_START, VISION_END + "<|im_end|>"]
+
+
+def encode_prompts(encoder, prompts: list[str], n_images: int, max_length: int | None = MAX_LENGTH) -> Embeddings:
+    """Each piece encoded on its own (cut at `max_length` on its own), as the reference encodes them.
+
+    Returns one row per prompt holding its pieces back to back; `lengths` holds each prompt's piece lengths.
+    """
+    pieces = [
+        encoder.encode([segments(p, n_images)[k] for p in prompts], max_length, template="{}")
+        for k in range(len(segments("", n_images)))
+    ]
+    rows = [torch.cat([e.features[i, : e.lengths[i]] for e in pieces]) for i in range(len(prompts))]
+    longest = max(len(r) for r in rows)
+    features = torch.stack([F.pad(r, (0, 0, 0, longest - len(r))) for r in rows])
+    lengths = tuple(tuple(e.lengths[i] for e in pieces) for i in range(len(prompts)))
+    return Embeddings(features, lengths, tuple(sum(e.dropped[i] for e in pieces) for i in range(len(prompts))))
+
+
+def prepare_references(images: list[Image.Image], multiple: int, area: int | None = None) -> tuple[list, list]:
+    """References as the reference prepares them: scaled down (Lanczos) to `area` (default 1024²) when larger than
+    1024², which SigLIP sees; then cut at the centre to multiples of `multiple` (whole latent patches: 16 for the
+    Flux VAE) for the VAE, as IMAGEs (1, H, W, 3)."""
+    resized, cropped = [], []
+    for image in images:
+        image = image.convert("RGB")
+        if image.width * image.height > REFERENCE_AREA:
+            scale = math.sqrt((area or REFERENCE_AREA) / (image.width * image.height))
+            image = image.resize((int(image.width * scale), int(image.height * scale)), Image.LANCZOS)
+        resized.append(image)
+        w, h = image.width // multiple * multiple, image.height // multiple * multiple
+        if not w or not h:
+            raise ValueError(f"a reference image of {image.width}x{image.height} is smaller than {multiple} pixels")
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        pixels = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32) / 255
+        cropped.append(torch.from_numpy(pixels)[None])
+    return resized, cropped
+
+
+def reference_latents(vae, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Clean latents (1, 16, h, w) of IMAGEs: the posterior mean, normalized in the VAE's dtype as the reference
+    does (it runs the VAE in bf16)."""
+    return [vae.cfg.normalize(vae.encode(image).to(vae.dtype)).float() for image in images]
+
+
+@torch.no_grad()
+def siglip_features(model, processor, images: list[Image.Image]) -> list[torch.Tensor]:
+    """SigLIP2 features (Hs, Ws, C) of each image: the last hidden state on its patch grid."""
+    device, out = next(model.parameters()).device, []
+    for image in images:
+        inputs = processor(images=[image], return_tensors="pt").to(device)
+        rows, cols = (int(v) for v in inputs["spatial_shapes"][0])
+        hidden = model(**inputs).last_hidden_state
+        out.append(hidden[0, : rows * cols].reshape(rows, cols, -1).float())
+    return out
+
+
+class EditModel:
+    """An Omni transformer with its references bound, called as `sampling.sample` calls a transformer: caption
+    rows hold each item's pieces back to back, and an item's length is the tuple of its piece lengths."""
+
+    def __init__(self, transformer, refs: list[torch.Tensor], siglip: list[torch.Tensor] | None):
+        device = transformer.x_embedder.weight.device
+        self.transformer = transformer
+        self.refs = [r.to(device, transformer.dtype) for r in refs]
+        self.siglip = [s.to(device, transformer.dtype) for s in siglip] if siglip else None
+
+    @property
+    def cfg(self):
+        return self.transformer.cfg
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def x_embedder(self):
+        return self.transformer.x_embedder
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, lengths) -> torch.Tensor:
+        pieces = []
+        for k in range(len(lengths[0])):
+            spans = [(sum(item[:k]), item[k]) for item in lengths]
+            longest = max(n for _, n in spans)
+            rows = [F.pad(captions[i, s : s + n], (0, 0, 0, longest - n)) for i, (s, n) in enumerate(spans)]
+            pieces.append((torch.stack(rows), [n for _, n in spans]))
+        return self.transformer.forward_omni(x, t, pieces, self.refs, self.siglip)
