@@ -2,7 +2,8 @@
 
 from comfy_api.v0_0_2 import ComfyExtension
 
-from .loaders import ZImageTextEncoderLoader, ZImageTransformerLoader, ZImageVAELoader
+from .edit import ZImageEditConditioning
+from .loaders import ZImageSigLIPLoader, ZImageTextEncoderLoader, ZImageTransformerLoader, ZImageVAELoader
 from .sampler import ZImageSampler
 from .text_encode import ZImageTextEncode
 from .vae import ZImageVAEDecode, ZImageVAEEncode
@@ -11,7 +12,9 @@ NODES = [
     ZImageTransformerLoader,
     ZImageTextEncoderLoader,
     ZImageVAELoader,
+    ZImageSigLIPLoader,
     ZImageTextEncode,
+    ZImageEditConditioning,
     ZImageSampler,
     ZImageVAEDecode,
     ZImageVAEEncode,

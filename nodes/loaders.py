@@ -6,11 +6,12 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..zimage_core.loaders import LOADERS, ModelCache, model_choices, stamp
+from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, stamp
 
 ZImageModel = io.Custom("ZIMAGE_MODEL")
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
 ZImageVAE = io.Custom("ZIMAGE_VAE")
+ZImageSigLIP = io.Custom("ZIMAGE_SIGLIP")
 
 CACHE = ModelCache()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -19,8 +20,18 @@ DEVICES = {  # (load, offload) per component, as ComfyUI places its own models
     "transformer": (mm.get_torch_device, mm.unet_offload_device),
     "text_encoder": (mm.text_encoder_device, mm.text_encoder_offload_device),
     "vae": (mm.vae_device, mm.vae_offload_device),
+    "siglip": (mm.text_encoder_device, mm.text_encoder_offload_device),  # where ComfyUI puts its vision encoders
 }
 DEVICE_CHOICES = ["default", "cpu"]
+
+
+class VisionEncoder(torch.nn.Module):
+    """SigLIP2 with its image processor, as one module: ComfyUI's ModelPatcher sets `.device` on what it manages,
+    which transformers' models refuse."""
+
+    def __init__(self, model, processor):
+        super().__init__()
+        self.model, self.processor = model, processor
 
 
 def check_choices(*checks: tuple[str, str, list]) -> str | bool:
@@ -55,10 +66,13 @@ def load(component: str, folder: str, name: str, weight_dtype: str, device: str)
         dtype = torch.float32  # as the official pipeline runs it
     else:
         dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
-    extra = {} if component == "vae" else {"weight_dtype": WEIGHT_DTYPES.get(weight_dtype)}
+    extra = {} if component in ("vae", "siglip") else {"weight_dtype": WEIGHT_DTYPES.get(weight_dtype)}
 
     def build():
-        model = LOADERS[component](found[name], offload_device, dtype, **extra)
+        if component == "siglip":
+            model = VisionEncoder(*load_siglip(found[name], offload_device, dtype))
+        else:
+            model = LOADERS[component](found[name], offload_device, dtype, **extra)
         return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
     return CACHE.get(component, found[name], (weight_dtype, device), build)
@@ -134,4 +148,9 @@ ZImageTextEncoderLoader = loader(
 ZImageVAELoader = loader(
     "ZImageVAELoader", "Z-Image VAE Loader", "vae", "vae", ZImageVAE, ["default", "bf16", "fp32"],
     "Loads the Flux VAE Z-Image uses: ae.safetensors or a diffusers vae/ or pipeline folder.",
+)  # fmt: skip
+ZImageSigLIPLoader = loader(
+    "ZImageSigLIPLoader", "Z-Image SigLIP2 Loader", "siglip", "clip_vision", ZImageSigLIP, ["default", "bf16", "fp32"],
+    "Loads the SigLIP2 vision encoder Z-Image Omni/Edit reads reference images with: a safetensors file or a "
+    "transformers folder in models/clip_vision (or a pipeline folder with siglip/).",
 )  # fmt: skip

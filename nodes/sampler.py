@@ -8,11 +8,16 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core import sampling
+from ..zimage_core.edit import EditConditioning, EditModel
 from ..zimage_core.vae import VAEConfig
 from .loaders import ZImageModel, ready
 from .text_encode import ZImageConditioning
 
 FLUX = VAEConfig()  # the released VAE's latent scale and shift, as ComfyUI's Flux latent format
+NOT_OMNI = "edit conditioning needs an Omni/Edit transformer (this one has no SigLIP weights); with Turbo or Base, " \
+    "edit through img2img or inpaint"  # fmt: skip
+NOT_EDIT = "this is an Omni/Edit transformer: give it Z-Image Edit Conditioning (a prompt with reference images), " \
+    "not plain text conditioning"  # fmt: skip
 
 
 class ZImageSampler(io.ComfyNode):
@@ -60,7 +65,14 @@ class ZImageSampler(io.ComfyNode):
                     round=0.01,
                     tooltip="Classifier-free guidance, ComfyUI's scale: 1 = off (Turbo); Base: 3-5.",
                 ),
-                io.Int.Input("width", default=1024, min=16, max=4096, step=16, tooltip="Image width (no latent)."),
+                io.Int.Input(
+                    "width",
+                    default=1024,
+                    min=16,
+                    max=4096,
+                    step=16,
+                    tooltip="Image width (no latent; editing: the last reference's size).",
+                ),
                 io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Image height (no latent)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run (no latent)."),
                 io.Float.Input(
@@ -102,6 +114,11 @@ class ZImageSampler(io.ComfyNode):
         if mask is not None and latent is None:
             raise ValueError("a mask needs the latent of the image to inpaint: connect Z-Image VAE Encode's output")
         transformer = ready(model)
+        edit, omni = isinstance(positive, EditConditioning), transformer.cfg.siglip_feat_dim is not None
+        if edit != omni:
+            raise ValueError(NOT_OMNI if edit else NOT_EDIT)
+        if edit and negative is not None and not isinstance(negative, EditConditioning):
+            raise ValueError("with edit conditioning, the negative must be the Z-Image Edit Conditioning's too")
         clean = None if latent is None else FLUX.normalize(latent["samples"].float())
         if clean is not None and (clean.ndim != 4 or clean.shape[1] != transformer.cfg.in_channels):
             raise ValueError(
@@ -111,6 +128,10 @@ class ZImageSampler(io.ComfyNode):
         n = batch_size if clean is None else clean.shape[0]
         seeds = [(seed + i) % 2**64 for i in range(n)]
         shape = (transformer.cfg.in_channels, height // sampling.FACTOR, width // sampling.FACTOR)
+        if edit:  # the output takes the last reference's size unless a latent says otherwise
+            shape = (transformer.cfg.in_channels, *positive.refs[-1].shape[2:])
+            transformer = EditModel(transformer, positive.refs, positive.siglip)
+            positive, negative = positive.text, negative.text if negative is not None else None
         progress = comfy.utils.ProgressBar(steps)
         previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.Flux())
 

@@ -27,10 +27,15 @@ CONVENTION = [Path.home() / ".cache" / "comfyui" / v for v in ("0.8.0", "0.3.64"
 PACK = "comfyui-zimage"
 # Released names the shipped workflows expect, and the small random models written under them.
 MODEL_FILES = {
-    "diffusion_models": ["z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors"],
+    "diffusion_models": ["z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors", "z_image_omni_bf16.safetensors"],
     "text_encoders": ["qwen_3_4b.safetensors"],
     "vae": ["ae.safetensors"],
+    "clip_vision": ["siglip2_so400m_patch16_naflex.safetensors"],
 }
+SOURCES = {  # which written model each released name gets
+    "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
+    "vae": "vae", "clip_vision": "siglip",
+}  # fmt: skip
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
 
 
@@ -61,6 +66,7 @@ def write_models(folder: Path):
         QWEN3_SMALL,
         SMALL,
         VAE_REAL,
+        randomize_,
         reference_qwen3,
         reference_transformer,
         reference_vae,
@@ -68,6 +74,7 @@ def write_models(folder: Path):
         to_comfy,
     )
     from safetensors.torch import save_file
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     folder.mkdir(parents=True, exist_ok=True)
     bf16 = lambda sd: {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
@@ -76,6 +83,12 @@ def write_models(folder: Path):
     te = {"model." + k: v for k, v in reference_qwen3(QWEN3_SMALL).state_dict().items()}
     save_file(bf16(te), folder / "text_encoder.safetensors")
     save_file(bf16(to_bfl(reference_vae(VAE_REAL).state_dict())), folder / "vae.safetensors")
+    omni = reference_transformer(dict(SMALL, cap_feat_dim=QWEN3_SMALL["hidden_size"], siglip_feat_dim=64), seed=2)
+    save_file(bf16(to_comfy(omni.state_dict())), folder / "omni.safetensors")
+    siglip = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                    num_attention_heads=1, patch_size=16, num_patches=64))  # fmt: skip
+    save_file({f"vision_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in
+               randomize_(siglip, seed=4).state_dict().items()}, folder / "siglip.safetensors")  # fmt: skip
 
 
 def write_images(folder: Path):
@@ -103,11 +116,11 @@ class Server:
         for sub in ("custom_nodes", "input", "output", "user", "models"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-        kinds = {"diffusion_models": "transformer", "text_encoders": "text_encoder", "vae": "vae"}
         for folder, names in MODEL_FILES.items():
             (base / "models" / folder).mkdir(exist_ok=True)
             for name in names:
-                (base / "models" / folder / name).symlink_to(models / f"{kinds[folder]}.safetensors")
+                kind = SOURCES.get(name, SOURCES[folder])
+                (base / "models" / folder / name).symlink_to(models / f"{kind}.safetensors")
         write_images(base / "input")
         venv = host / ".venv" / "bin" / "python"
         self.python = str(venv) if venv.exists() else os.environ.get("COMFYUI_PYTHON", sys.executable)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not hosts(), reason=why_no_hosts())
 
 OUR_NODES = [
     "ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
-    "ZImageVAEDecode", "ZImageVAEEncode",
+    "ZImageVAEDecode", "ZImageVAEEncode", "ZImageSigLIPLoader", "ZImageEditConditioning",
 ]  # fmt: skip
 SIZE = (256, 256)
 
@@ -107,8 +107,8 @@ def test_every_shipped_workflow_finishes_with_images_on_disk(server, client, nam
     entry = run(client, graph)
     assert failure(entry) is None, failure(entry)
     images = saved(server, entry)
-    assert len(images) == 1 and images[0].shape == (*SIZE, 3), [i.shape for i in images]
-    assert images[0].std() > 1, "a flat image"
+    assert len(images) == sum(n["class_type"] == "SaveImage" for n in graph.values())  # edit: both of its routes
+    assert all(image.shape == (*SIZE, 3) and image.std() > 1 for image in images), [i.shape for i in images]
 
 
 def test_our_latents_decode_the_same_with_the_native_vae_decode(server, client):
@@ -277,3 +277,56 @@ def test_the_template_browser_lists_and_serves_the_ui_workflows(server):
     assert sorted(listed[PACK]) == sorted(ui.stem for ui, _ in shipped())
     for ui, _ in shipped():
         assert server.get(f"/api/workflow_templates/{PACK}/{ui.name}") == json.loads(ui.read_text())
+
+
+def ancestors(graph: dict, output: str) -> dict:
+    """The part of `graph` that `output` needs."""
+    keep, todo = set(), [output]
+    while todo:
+        node = todo.pop()
+        keep.add(node)
+        todo += [v[0] for v in graph[node]["inputs"].values() if isinstance(v, list) and v[0] not in keep]
+    return {k: v for k, v in graph.items() if k in keep}
+
+
+def test_edit_errors_name_the_problem(server, client):
+    graph = small(workflow("zimage_edit"))
+    edit, loader = node_of(graph, "ZImageEditConditioning"), node_of(graph, "ZImageTransformerLoader")
+    graph = ancestors(graph, next(i for i, n in graph.items() if n["inputs"].get("filename_prefix") == "z-image-edit"))
+    assert failure(run(client, graph)) is None  # the Omni route alone works
+
+    plain = job_prompt(graph, [(loader, "name", "z_image_turbo_bf16.safetensors")])
+    error = failure(run(client, plain))
+    assert error["node_type"] == "ZImageSampler" and "needs an Omni/Edit transformer" in error["exception_message"]
+
+    wrong = server.base / "models" / "clip_vision" / "not_siglip.safetensors"
+    wrong.symlink_to(server.base / "models" / "vae" / "ae.safetensors")
+    error = failure(run(client, job_prompt(graph, [(node_of(graph, "ZImageSigLIPLoader"), "name", wrong.name)])))
+    assert error["node_type"] == "ZImageSigLIPLoader" and "not a SigLIP2 vision encoder" in error["exception_message"]
+    wrong.unlink()
+
+    missing = json.loads(json.dumps(graph))
+    del missing[edit]["inputs"]["image"]
+    with pytest.raises(ServerError) as rejected:
+        client.queue(missing)
+    assert [e["type"] for e in rejected.value.details["node_errors"][edit]["errors"]] == ["required_input_missing"]
+
+    text = small(workflow("zimage_turbo_text_to_image"))
+    text[node_of(text, "ZImageTransformerLoader")]["inputs"]["name"] = "z_image_omni_bf16.safetensors"
+    error = failure(run(client, text))
+    assert error["node_type"] == "ZImageSampler" and "give it Z-Image Edit Conditioning" in error["exception_message"]
+
+
+def test_the_client_uploads_the_image_to_edit(server, tmp_path):
+    api = next(api for ui, api in shipped() if ui.stem == "zimage_edit")
+    graph = json.loads(api.read_text())
+    picture = tmp_path / "to_edit.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (200, 170, 3), dtype=np.uint8)).save(picture)
+    samplers = [i for i, n in graph.items() if n["class_type"] == "ZImageSampler"]
+    code = client_main([str(api), "--server", server.url, "--upload", f"{node_of(graph, 'LoadImage')}.image={picture}",
+                        *[a for i in samplers for a in ("--set", f"{i}.steps=2")], "--out", str(tmp_path / "out"),
+                        "--quiet"])  # fmt: skip
+    assert code == 0 and (server.base / "input" / picture.name).is_file()
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "jobs.jsonl").read_text().splitlines()]
+    sizes = {np.asarray(Image.open(f)).shape for f in record["outputs"]}
+    assert len(record["outputs"]) == 2 and sizes == {(192, 160, 3)}  # cut to multiples of 16

@@ -13,7 +13,7 @@ def test_every_kind_of_workflow_ships_in_both_formats():
     names = {ui.stem for ui in UIS}
     assert names == {
         "zimage_turbo_text_to_image", "zimage_base_text_to_image", "zimage_turbo_img2img", "zimage_turbo_inpaint",
-        "zimage_turbo_with_native_nodes",
+        "zimage_turbo_with_native_nodes", "zimage_edit",
     }  # fmt: skip
     assert {api.stem for api in (UIS[0].parent / "api").glob("*.json")} == names
 
@@ -49,7 +49,7 @@ def test_workflow_names_the_released_files_it_expects(ui):
     graph = json.loads(ui.read_text())
     api = json.loads((ui.parent / "api" / ui.name).read_text())
     folders = {"ZImageTransformerLoader": "diffusion_models", "ZImageTextEncoderLoader": "text_encoders",
-               "ZImageVAELoader": "vae", "VAELoader": "vae"}  # fmt: skip
+               "ZImageVAELoader": "vae", "VAELoader": "vae", "ZImageSigLIPLoader": "clip_vision"}  # fmt: skip
     notes = " ".join(str(v) for n in graph["nodes"] if n["type"] in UI_ONLY for v in n["widgets_values"])
     for node in api.values():
         if node["class_type"] in folders:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DONE = {"execution_success", "execution_error", "execution_interrupted"}
-TEXT_NODES = {"ZImageTextEncode": "text", "CLIPTextEncode": "text"}
+TEXT_NODES = {"ZImageTextEncode": "text", "CLIPTextEncode": "text", "ZImageEditConditioning": "prompt"}
 SEED_INPUTS = ("seed", "noise_seed")
 
 
@@ -59,9 +59,11 @@ class Client:
         self.closed = False
         self.reader: threading.Thread | None = None
 
-    def call(self, path: str, body: dict | None = None, raw: bool = False):
+    def call(self, path: str, body: dict | None = None, raw: bool = False, raw_body: tuple | None = None):
         data = None if body is None else json.dumps(body).encode()
         headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
+        if raw_body is not None:
+            data, headers["Content-Type"] = raw_body
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.base + path, data=data, headers=headers)
             try:
@@ -146,6 +148,16 @@ class Client:
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
+    def upload(self, path: Path) -> str:
+        """Send an image to the server's input folder (`/upload/image`); returns the name LoadImage knows it by."""
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+                f"--{boundary}--\r\n").encode()  # fmt: skip
+        answer = self.call("/upload/image", raw_body=(body, f"multipart/form-data; boundary={boundary}"))
+        return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
+
     def image(self, ref: dict) -> bytes:
         query = urllib.parse.urlencode({k: ref.get(k, "") for k in ("filename", "subfolder", "type")})
         return self.call(f"/view?{query}", raw=True)
@@ -222,7 +234,7 @@ def run_job(client: Client, index: int, graph: dict, out: Path, log, lock, quiet
     for node in graph.values():
         inputs = node["inputs"]
         if node["class_type"] in TEXT_NODES and record["prompt"] is None:
-            record["prompt"] = inputs.get("text")
+            record["prompt"] = inputs.get(TEXT_NODES[node["class_type"]])
         record["seed"] = next((inputs[k] for k in SEED_INPUTS if isinstance(inputs.get(k), int)), record["seed"])
         if {"width", "height"} <= inputs.keys():
             record["size"] = [inputs["width"], inputs["height"]]
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default=os.environ.get("COMFYUI_TOKEN"),
                    help="bearer token for a server behind an authenticating proxy (default: $COMFYUI_TOKEN)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input")
+    p.add_argument("--upload", action="append", default=[], metavar="NODE.INPUT=IMAGE",
+                   help="upload IMAGE to the server's input folder and set the input (a LoadImage's image) to it")  # fmt: skip
     p.add_argument("--prompts", type=Path, help="a text file: one job per non-empty line, its prompt")
     p.add_argument("--prompt-field", metavar="NODE.INPUT", help="where --prompts go (default: the prompt node)")
     p.add_argument("--seed", type=int, help="seed of the first job; job i gets seed + i")
@@ -294,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     client = Client(args.server, args.token, args.retries)
+    try:
+        uploads = [(node, name, client.upload(Path(file))) for node, name, file in map(parse_set, args.upload)]
+        jobs = [job_prompt(job, uploads) for job in jobs]
+    except (OSError, ValueError, ServerError, ConnectionError) as e:
+        print(f"error: --upload: {e}", file=sys.stderr)
+        return 2
     client.listen()
     lock = threading.Lock()
     with open(args.out / "jobs.jsonl", "a", encoding="utf-8") as log, ThreadPoolExecutor(args.concurrency) as pool:

@@ -6,6 +6,7 @@ diffusers' `ZImageOmniPipeline` builds it (zimage-spec.md 7.4).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +27,19 @@ def segments(prompt: str, n_images: int) -> list[str]:
     user, assistant = TEMPLATE.split("{}")
     middle = [VISION_END + VISION_START] * (n_images - 1)
     return [user + VISION_START, *middle, VISION_END + prompt + assistant + VISION_START, VISION_END + "<|im_end|>"]
+
+
+class EditConditioning(NamedTuple):
+    """A prompt with its reference images, ready for an Omni/Edit transformer (see `EditModel`)."""
+
+    text: Embeddings  # the pieces of `segments`, back to back per prompt
+    refs: list[torch.Tensor]  # clean normalized latents (1, 16, h, w), the output's size is the last one's
+    siglip: list[torch.Tensor]  # SigLIP2 features (Hs, Ws, C) per reference
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One ComfyUI IMAGE (H, W, C) in [0, 1] as an RGB picture (exact for images loaded from 8-bit files)."""
+    return Image.fromarray((image[..., :3].clamp(0, 1) * 255).round().byte().cpu().numpy())
 
 
 def encode_prompts(encoder, prompts: list[str], n_images: int, max_length: int | None = MAX_LENGTH) -> Embeddings:
