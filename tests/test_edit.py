@@ -187,3 +187,11 @@ def test_edit_needs_an_omni_transformer_and_siglip(components, tmp_path):
     with pytest.raises(CheckpointError, match="not a SigLIP2 vision encoder"):
         generate(Models(root / "transformer", root / "text_encoder", root / "vae", siglip=root / "vae"), ["x"],
                  steps=1, dtype=torch.float32, references=pictures(1))  # fmt: skip
+
+
+def test_seed_variety_is_refused_with_edit_conditioning(components):
+    _, (transformer, encoder, vae, siglip, processor), _ = components
+    resized, cropped = prepare_references(pictures(1), vae.cfg.factor * PATCH)
+    model = EditModel(transformer, reference_latents(vae, cropped), siglip_features(siglip, processor, resized))
+    with pytest.raises(ValueError, match="seed variety"):
+        denoise(model, encode_prompts(encoder, ["x"], 1), None, [0], 2, shape=(16, 8, 8), variety=0.5)

@@ -192,6 +192,8 @@ def denoise(
     `cond`/`uncond` with one item serve every seed. `factor` is the VAE's, for the size check in image pixels.
     """
     n = len(seeds)
+    if variety > 0 and not all(isinstance(length, int) for length in cond.lengths):
+        raise ValueError("seed variety varies text conditioning; with edit conditioning set it to 0")
     cond = cond.repeat(n)
     uncond = uncond.repeat(n) if uncond is not None and cfg > 1 else None
     schedule = sigmas(steps, shift)
