@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .text_encoder import MAX_LENGTH, TEMPLATE, Embeddings
+from .vae import crop_to
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 REFERENCE_AREA = 1024 * 1024  # larger references are scaled down to this area (or to the output's, when given)
@@ -69,12 +70,8 @@ def prepare_references(images: list[Image.Image], multiple: int, area: int | Non
             scale = math.sqrt((area or REFERENCE_AREA) / (image.width * image.height))
             image = image.resize((int(image.width * scale), int(image.height * scale)), Image.LANCZOS)
         resized.append(image)
-        w, h = image.width // multiple * multiple, image.height // multiple * multiple
-        if not w or not h:
-            raise ValueError(f"a reference image of {image.width}x{image.height} is smaller than {multiple} pixels")
-        left, top = (image.width - w) // 2, (image.height - h) // 2
-        pixels = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32) / 255
-        cropped.append(torch.from_numpy(pixels)[None])
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None]
+        cropped.append(crop_to(pixels, multiple).contiguous())  # contiguous: the reference's memory layout
     return resized, cropped
 
 
