@@ -1,13 +1,19 @@
-"""Real ComfyUI servers for the server tests: where they are, how they start, and the models they are given.
+"""Real ComfyUI servers for the server tests: which versions, where they come from, how they start, and the models
+they are given.
 
-`COMFYUI_PATH` lists ComfyUI source folders (separated by `os.pathsep`); unset, the convention
-`~/.cache/comfyui/0.8.0` and `~/.cache/comfyui/0.3.64` is tried. Each runs with its own `.venv/bin/python` when it
-has one (else `COMFYUI_PYTHON`, else this interpreter), from a fresh base directory holding this pack in
-`custom_nodes/`, random-weight models under the released file names, and the test images.
+The supported hosts are 0.33.0, 0.8.0 and 0.3.64. Each is set up on first use from the source archives in
+`../shared/comfyui/` (or `$COMFYUI_ARCHIVES`) by their `setup-host.sh`, into `$COMFYUI_HOSTS` (default
+`~/.cache/comfyui-zimage/`), one folder per version and test interpreter; later runs reuse it. `COMFYUI_PATH` (folders
+separated by `os.pathsep`) names existing checkouts instead. Without a host the server tests are skipped with the
+reason, except under `CI=true`, where a missing host fails them.
+Each server runs with its checkout's `.venv/bin/python` when it has one (else `COMFYUI_PYTHON`, else this
+interpreter), from a fresh base directory holding this pack in `custom_nodes/`, random-weight models under the
+released file names, and the test images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +29,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).parents[1]
-CONVENTION = [Path.home() / ".cache" / "comfyui" / v for v in ("0.8.0", "0.3.64")]
+VERSIONS = ("0.33.0", "0.8.0", "0.3.64")
 PACK = "comfyui-zimage"
 # Released names the shipped workflows expect, and the small random models written under them.
 MODEL_FILES = {
@@ -39,22 +45,59 @@ SOURCES = {  # which written model each released name gets
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
 
 
-def hosts() -> list[Path]:
-    listed = os.environ.get("COMFYUI_PATH")
-    paths = [Path(p).expanduser() for p in listed.split(os.pathsep) if p] if listed else CONVENTION
-    return [p for p in paths if (p / "main.py").is_file()]
+class NoHost(Exception):
+    """A host that cannot be had here; the message says why."""
 
 
-def why_no_hosts() -> str:
-    listed = os.environ.get("COMFYUI_PATH")
-    where = (
-        f"COMFYUI_PATH={listed}" if listed else f"COMFYUI_PATH unset and nothing at {', '.join(map(str, CONVENTION))}"
-    )
-    return f"no ComfyUI checkout found ({where}); see tests/comfyui.py"
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def version(host: Path) -> str:
-    text = (host / "comfyui_version.py").read_text()
+def listed() -> list[Path] | None:
+    """The checkouts `COMFYUI_PATH` names, or None when it is unset."""
+    value = os.environ.get("COMFYUI_PATH")
+    return None if value is None else [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+
+
+def versions() -> list[str]:
+    """The versions the server tests run against: those of `COMFYUI_PATH`'s checkouts, else all supported ones."""
+    paths = listed()
+    return list(VERSIONS) if paths is None else [version(p) for p in paths if (p / "main.py").is_file()]
+
+
+def archives() -> Path | None:
+    """The folder with the ComfyUI source archives and `setup-host.sh`."""
+    given = os.environ.get("COMFYUI_ARCHIVES")
+    candidates = [Path(given).expanduser()] if given else [p / "shared" / "comfyui" for p in ROOT.resolve().parents]
+    return next((c for c in candidates if (c / "setup-host.sh").is_file()), None)
+
+
+def host(wanted: str) -> Path:
+    """A runnable ComfyUI `wanted`: a `COMFYUI_PATH` checkout, or one set up from the archives (once)."""
+    paths = listed()
+    if paths is not None:
+        found = [p for p in paths if (p / "main.py").is_file() and version(p) == wanted]
+        if not found:
+            raise NoHost(f"COMFYUI_PATH={os.environ['COMFYUI_PATH']} has no ComfyUI {wanted}")
+        return found[0]
+    folder = archives()
+    if folder is None:
+        raise NoHost("no ComfyUI source archives (../shared/comfyui/ or $COMFYUI_ARCHIVES) and COMFYUI_PATH unset")
+    # one set-up per test interpreter: its venv sits on top of that interpreter's torch
+    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+    dest = Path(os.environ.get("COMFYUI_HOSTS", Path.home() / ".cache" / "comfyui-zimage")).expanduser()
+    dest = dest / f"{wanted}-{key}"
+    if not (dest / ".setup-done").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        result = subprocess.run(["bash", str(folder / "setup-host.sh"), wanted, str(dest), sys.executable],
+                                capture_output=True, text=True, check=False)  # fmt: skip
+        if result.returncode != 0:
+            raise NoHost(f"setting up ComfyUI {wanted} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return dest
+
+
+def version(checkout: Path) -> str:
+    text = (checkout / "comfyui_version.py").read_text()
     return text.split("=")[1].strip().strip("\"'")
 
 
@@ -162,3 +205,38 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         shutil.rmtree(self.base / "temp", ignore_errors=True)
+
+
+# ---- driving a server ----
+
+SIZE = (256, 256)
+
+
+def workflow(name: str) -> dict:
+    """A shipped API-format workflow by name."""
+    from workflow_api import shipped
+
+    return json.loads(next(api for ui, api in shipped() if ui.stem == name).read_text())
+
+
+def node_of(graph: dict, class_type: str) -> str:
+    return next(i for i, n in graph.items() if n["class_type"] == class_type)
+
+
+def small(graph: dict, steps: int = 4, seed: int = 5, size: tuple[int, int] = SIZE) -> dict:
+    """The graph at `size` (img2img and inpaint: the input image's, 256 x 256), `steps` steps, `seed`."""
+    from zimage_core.client import job_prompt
+
+    return job_prompt(graph, [(node_of(graph, "ZImageSampler"), "steps", steps)], seed=seed, size=size)
+
+
+def run(client, graph: dict, events: list | None = None, timeout: float = 300) -> dict:
+    """Queue `graph` and follow it to its end: its `/history` entry."""
+    prompt_id = client.queue(graph)
+    return client.wait(prompt_id, on_event=None if events is None else events.append, timeout=timeout)
+
+
+def saved(server: Server, entry: dict) -> list[np.ndarray]:
+    """The images a finished prompt's SaveImage nodes wrote."""
+    refs = [ref for out in entry["outputs"].values() for ref in out.get("images", []) if ref["type"] == "output"]
+    return [np.asarray(Image.open(server.base / "output" / r["subfolder"] / r["filename"])) for r in refs]

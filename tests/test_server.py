@@ -1,6 +1,6 @@
-"""The pack inside real ComfyUI servers (each version found by tests/comfyui.py), driven over its HTTP/websocket API.
+"""The pack inside real ComfyUI servers (0.33.0, 0.8.0, 0.3.64: tests/comfyui.py), driven over its HTTP/websocket API.
 
-Skipped, with the reason, when no ComfyUI checkout is found; `.ci/run` reports whether these ran.
+The `server`, `client` and `models` fixtures are in conftest.py: one server per version, one after another.
 """
 
 from __future__ import annotations
@@ -13,67 +13,18 @@ import time
 import numpy as np
 import pytest
 import torch
-from comfyui import INPUT_IMAGES, PACK, Server, hosts, version, why_no_hosts, write_models
+from comfyui import INPUT_IMAGES, PACK, SIZE, node_of, run, saved, small, workflow
 from PIL import Image
 from workflow_api import recorded_object_info, shipped, to_api, widget_names
 
-from zimage_core.client import Client, ServerError, failure, job_prompt
+from zimage_core.client import ServerError, failure, job_prompt
 from zimage_core.client import main as client_main
 from zimage_core.pipeline import Models, generate
-
-pytestmark = pytest.mark.skipif(not hosts(), reason=why_no_hosts())
 
 OUR_NODES = [
     "ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
     "ZImageVAEDecode", "ZImageVAEEncode", "ZImageSigLIPLoader", "ZImageEditConditioning",
 ]  # fmt: skip
-SIZE = (256, 256)
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    write_models(folder)
-    return folder
-
-
-@pytest.fixture(scope="module", params=hosts(), ids=version)
-def server(request, models, tmp_path_factory):
-    base = tmp_path_factory.mktemp(f"comfyui-{version(request.param)}")
-    server = Server(request.param, base, models).start(extra=["--preview-method", "latent2rgb"])
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(server):
-    client = Client(server.url, retries=2, backoff=0.2)
-    client.listen()
-    yield client
-    client.close()
-
-
-def workflow(name: str) -> dict:
-    return json.loads(next(api for ui, api in shipped() if ui.stem == name).read_text())
-
-
-def node_of(graph: dict, class_type: str) -> str:
-    return next(i for i, n in graph.items() if n["class_type"] == class_type)
-
-
-def small(graph: dict, steps: int = 4, seed: int = 5) -> dict:
-    """The shipped graph at 256 x 256 (img2img and inpaint: the input image's, also 256 x 256), `steps` steps."""
-    return job_prompt(graph, [(node_of(graph, "ZImageSampler"), "steps", steps)], seed=seed, size=SIZE)
-
-
-def run(client: Client, graph: dict, events: list | None = None, timeout: float = 300) -> dict:
-    prompt_id = client.queue(graph)
-    return client.wait(prompt_id, on_event=None if events is None else events.append, timeout=timeout)
-
-
-def saved(server: Server, entry: dict) -> list[np.ndarray]:
-    refs = [ref for out in entry["outputs"].values() for ref in out.get("images", []) if ref["type"] == "output"]
-    return [np.asarray(Image.open(server.base / "output" / r["subfolder"] / r["filename"])) for r in refs]
 
 
 def test_pack_loads_and_lists_every_node_with_its_inputs(server):
