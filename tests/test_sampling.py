@@ -25,8 +25,9 @@ def test_sigmas_equal_diffusers_for_1_to_50_steps(shift):
         for side in (512, 1024, 2048):  # the pipeline's resolution-dependent mu, which this static schedule ignores
             mu = calculate_shift((side // 16) ** 2, 256, 4096, 0.5, 1.15)
             scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), mu=mu)
-            assert torch.equal(sigmas(steps, shift), scheduler.sigmas), (steps, side)
-            assert torch.equal(sigmas(steps, shift)[:-1] * 1000, scheduler.timesteps), (steps, side)
+            # a few float32 ulps: linspace and the shift may round differently on another CPU's vector unit
+            torch.testing.assert_close(sigmas(steps, shift), scheduler.sigmas, rtol=0, atol=1e-6)
+            torch.testing.assert_close(sigmas(steps, shift)[:-1] * 1000, scheduler.timesteps, rtol=0, atol=1e-3)
 
 
 @pytest.fixture(scope="module")

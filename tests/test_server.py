@@ -90,7 +90,8 @@ def test_nodes_make_the_pipelines_image(server, client, models):
     prompt = graph[node_of(graph, "ZImageTextEncode")]["inputs"]["text"]
     result = generate(files, [prompt], width=SIZE[0], height=SIZE[1], steps=4, seeds=[11], dtype=torch.float32)
     expected = np.clip(255.0 * result.images[0].numpy(), 0, 255).astype(np.uint8)  # as SaveImage converts
-    assert np.array_equal(image, expected)
+    difference = np.abs(image.astype(int) - expected.astype(int))  # two processes: their thread counts may differ
+    assert difference.max() <= 1 and difference.mean() <= 0.01, (difference.max(), difference.mean())
 
 
 def test_bad_values_come_back_as_node_errors_for_our_node(server, client):

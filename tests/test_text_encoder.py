@@ -194,7 +194,8 @@ def test_long_prompts_are_cut_as_the_references_cut_them_and_said(small_file, ca
     assert "prompt 1 is" in caplog.text and f"{out.dropped[1]} tokens dropped" in caplog.text
     everything = encoder.encode(LONG_EN, max_length=None)
     assert everything.lengths[0] == 512 + out.dropped[1] and everything.dropped == (0,)
-    assert torch.equal(everything.features[0, :512], out.features[1, :512])  # causal: the kept rows do not change
+    # causal: the kept rows do not change (to rounding: BLAS blocks a 669-token run and a padded batch differently)
+    assert (everything.features[0, :512] - out.features[1, :512]).abs().max() <= 1e-5 * out.features.abs().max()
 
 
 # ---- embeddings ----

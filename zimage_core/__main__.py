@@ -6,7 +6,6 @@ import argparse
 import gc
 import json
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,25 +28,32 @@ WEIGHT_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m
 
 
 def reset_peak_rss():
-    """Start a new peak-RSS measurement (Linux: clear_refs 5 resets VmHWM)."""
+    """Start a new peak-RSS measurement (Linux: clear_refs 5 resets VmHWM; elsewhere the peak is the process's)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
-def peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory: Linux's VmHWM, else `resource` (macOS, BSD), else None (Windows has neither)."""
     try:
         return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
     except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, the others KiB
 
 
 def inspect(args) -> int:
     """Load each component at the path, one at a time, and report it; JSON output is one object per line."""
     config = None
     if args.config:
-        with open(args.config) as f:
+        with open(args.config, encoding="utf-8") as f:
             config = json.load(f)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch build or machine has no CUDA device")
@@ -69,7 +75,7 @@ def inspect(args) -> int:
 
 
 def report(info: dict) -> str:
-    gb = 1e9
+    gb, peak, held = 1e9, info["peak_rss_bytes"], info["held_bytes"]
     if info["kind"] == "Z-Image transformer":
         specific = [
             ("variant", f"{info['variant']} ({info['variant_reason']})"),
@@ -91,7 +97,7 @@ def report(info: dict) -> str:
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)"),
         ("held", f"{info['held_bytes'] / gb:.2f} GB on {info['device']}, computing in {info['dtype']}"),
         ("load time", f"{info['load_seconds']:.1f} s"),
-        ("peak RSS", f"{info['peak_rss_bytes'] / gb:.2f} GB ({info['peak_rss_bytes'] / info['held_bytes']:.2f}x held)"),
+        ("peak RSS", "not measurable on this system" if peak is None else f"{peak / gb:.2f} GB ({peak / held:.2f}x held)"),
     ]  # fmt: skip
     return "\n".join(f"{key:<13} {value}" for key, value in rows) + "\n"
 

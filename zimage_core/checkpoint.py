@@ -3,7 +3,9 @@
 Models are built on the meta device and filled tensor by tensor from memory maps of the files, cast on the way,
 and each tensor's pages are handed back to the kernel right after its copy. (The safetensors library keeps every
 page it touched mapped until the file is closed, which doubles peak RSS for a full-size model; the format
-itself is a JSON header and raw little-endian data, so reading it here takes a few lines.)
+itself is a JSON header and raw little-endian data, so reading it here takes a few lines.) Where pages cannot be
+handed back (Windows has no `madvise`), each tensor is read into memory of its own, freed after its copy: the same
+low peak, one more copy.
 
 Files and folders: a single file, a diffusers folder (`config.json`, one file or shards with an index), a whole
 diffusers pipeline folder (`model_index.json`); fp8 weights plain, in the older scaled form (`scaled_fp8`,
@@ -40,6 +42,11 @@ DTYPES = {
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 SHARD = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
+
+
+def can_release() -> bool:
+    """Whether mapped pages can be handed back to the kernel (`madvise(MADV_DONTNEED)`: Linux, macOS, BSD)."""
+    return hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
 
 
 class SafetensorsFile:
@@ -80,10 +87,17 @@ class SafetensorsFile:
         self._map = None
 
     def read(self, name: str) -> torch.Tensor:
-        """A CPU tensor viewing the file's bytes; copy it, then call `release(name)`."""
+        """A CPU tensor of the file's bytes; copy it, then call `release(name)`."""
         dtype, shape, start, end = self.entries[name]
         if end == start:
             return torch.empty(shape, dtype=dtype)
+        if not can_release():
+            data = bytearray(end - start)
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                if f.readinto(data) != len(data):
+                    raise CheckpointError(f"{self.path}: shorter than its header says. Re-download it.")
+            return torch.frombuffer(data, dtype=dtype).view(shape)
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes back
@@ -94,7 +108,7 @@ class SafetensorsFile:
     def release(self, name: str):
         """Drop the pages of `name` from this process (they stay in the page cache)."""
         _, _, start, end = self.entries[name]
-        if self._map is not None and end > start:
+        if self._map is not None and end > start and can_release():
             page = start - start % mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, page, end - page)
 
@@ -178,14 +192,14 @@ def open_checkpoint(path: str | Path, component: str = "transformer") -> Checkpo
     config = None
     if (path / "config.json").is_file():
         try:
-            config = json.loads((path / "config.json").read_text())
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e}).") from None
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
         index = next((i for i in indexes if i.name.startswith("diffusion_pytorch_model")), indexes[0])
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}). Re-download it.") from None
         shards = sorted(set(weight_map.values()))

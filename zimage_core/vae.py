@@ -227,7 +227,7 @@ class VAE(nn.Module):
             raise ValueError(f"image size {images.shape[2]} x {images.shape[1]} is not a multiple of {f}")
         x = images.movedim(-1, 1).to(self.decoder.conv_in.weight.device) * 2 - 1
         x = x.to(self.dtype)
-        h = self.encoder.banded(x) if self.banded(x, 1, tiled) else self.encoder(x)
+        h = self.run(self.encoder, x, 1, tiled)
         mean, logvar = (self.quant_conv(h) if self.cfg.quant_conv else h).float().chunk(2, dim=1)
         if not sample:
             return mean
@@ -243,16 +243,23 @@ class VAE(nn.Module):
         """
         z = z.to(self.decoder.conv_in.weight.device, self.dtype)
         z = self.post_quant_conv(z) if self.cfg.quant_conv else z
-        x = self.decoder.banded(z) if self.banded(z, self.cfg.factor, tiled) else self.decoder(z)
+        x = self.run(self.decoder, z, self.cfg.factor, tiled)
         return (x.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1)
 
-    def banded(self, x: torch.Tensor, scale: int, tiled: bool | None) -> bool:
-        """Run in bands when asked, or (tiled=None) when the whole-image peak would not fit in free memory."""
+    def run(self, part: Encoder | Decoder, x: torch.Tensor, scale: int, tiled: bool | None) -> torch.Tensor:
+        """`part` whole or in bands: as asked, or (tiled=None) in bands when the whole-image peak would not fit in
+        free memory or the whole-image run meets an out-of-memory error (CUDA's; the CPU's cannot be caught)."""
         if tiled is not None:
-            return tiled
+            return part.banded(x) if tiled else part(x)
         pixels = x.shape[0] * x.shape[2] * x.shape[3] * scale**2
         peak = PEAK_MAPS * pixels * self.cfg.block_out_channels[0] * torch.finfo(self.dtype).bits // 8
-        return peak > free_bytes(x.device)
+        if peak <= free_bytes(x.device):
+            try:
+                return part(x)
+            except torch.OutOfMemoryError:
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return part.banded(x)
 
 
 def crop_to(images: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -269,8 +276,16 @@ def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    match = re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()) if device.type == "cpu" else None
-    return int(match.group(1)) * 1024 if match else 1 << 62
+    if device.type != "cpu":
+        return 1 << 62
+    try:
+        return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):  # not Linux: psutil where it is installed (ComfyUI requires it), else unknown
+        try:
+            import psutil
+        except ImportError:
+            return 1 << 62
+        return psutil.virtual_memory().available
 
 
 # ---- running in bands ----
