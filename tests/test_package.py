@@ -1,6 +1,8 @@
 """The pack as ComfyUI, the Comfy Registry and Manager see it."""
 
 import ast
+import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,19 @@ def test_the_tokenizer_ships_with_the_pack():
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         assert f"zimage_core/qwen_tokenizer/{name}" in files
         assert (ROOT / "zimage_core" / "qwen_tokenizer" / name).stat().st_size > 1000
+    assert "zimage_core/qwen_tokenizer/PROVENANCE.md" in files
+
+
+def test_the_tokenizer_provenance_note_gives_every_files_checksum():
+    folder = ROOT / "zimage_core" / "qwen_tokenizer"
+    note = (folder / "PROVENANCE.md").read_text(encoding="utf-8")
+    rows = dict((name, (int(size), digest)) for name, size, digest in
+                re.findall(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", note, re.M))  # fmt: skip
+    assert "Apache License 2.0" in note and "Source" in note
+    assert rows.keys() == {p.name for p in folder.iterdir() if p.name != "PROVENANCE.md"}
+    for name, (size, digest) in rows.items():
+        data = (folder / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest), name
 
 
 def test_workflows_ship_where_comfyui_lists_templates():
