@@ -1,6 +1,7 @@
 """Z-Image Edit Conditioning: a prompt with reference images for the Omni/Edit transformer."""
 
 import comfy.model_management as mm
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core.edit import (
@@ -13,7 +14,7 @@ from ..zimage_core.edit import (
 )
 from ..zimage_core.sampling import PATCH
 from ..zimage_core.text_encoder import MAX_LENGTH
-from .loaders import ZImageSigLIP, ZImageTextEncoder, ZImageVAE, ready
+from .loaders import ZImageSigLIP, ZImageTextEncoder, ZImageVAE, expect, ready
 from .text_encode import ZImageConditioning
 
 
@@ -52,13 +53,15 @@ class ZImageEditConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, vae, siglip, image, prompt, negative, max_length, image_2=None, image_3=None):
-        pictures = [to_pil(item) for batch in (image, image_2, image_3) if batch is not None for item in batch]
-        autoencoder = ready(vae)
+        given = {"image": image, "image_2": image_2, "image_3": image_3}
+        batches = [expect(k, v, torch.Tensor, "an IMAGE") for k, v in given.items() if v is not None]
+        pictures = [to_pil(item) for batch in batches for item in batch]
+        autoencoder = ready(vae, "vae")
         resized, cropped = prepare_references(pictures, autoencoder.cfg.factor * PATCH)
         refs = [r.to(mm.intermediate_device()) for r in reference_latents(autoencoder, cropped)]
-        vision = ready(siglip)
+        vision = ready(siglip, "siglip")
         features = [f.to(mm.intermediate_device()) for f in siglip_features(vision.model, vision.processor, resized)]
-        encoder = ready(text_encoder)
+        encoder = ready(text_encoder, "text_encoder")
         texts = [encode_prompts(encoder, [p], len(pictures), max_length or None) for p in (prompt, negative)]
         texts = [t._replace(features=t.features.to(mm.intermediate_device())) for t in texts]
         return io.NodeOutput(*(EditConditioning(t, refs, features) for t in texts))

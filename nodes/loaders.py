@@ -7,6 +7,9 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, stamp
+from ..zimage_core.text_encoder import TextEncoder
+from ..zimage_core.transformer import ZImageTransformer
+from ..zimage_core.vae import VAE
 
 ZImageModel = io.Custom("ZIMAGE_MODEL")
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
@@ -34,6 +37,15 @@ class VisionEncoder(torch.nn.Module):
         self.model, self.processor = model, processor
 
 
+KINDS = {  # input name -> (what it is, the node that makes it)
+    "model": ("Z-Image transformer", "Z-Image Transformer Loader"),
+    "text_encoder": ("Z-Image text encoder", "Z-Image Text Encoder Loader"),
+    "vae": ("Z-Image VAE", "Z-Image VAE Loader"),
+    "siglip": ("SigLIP2 vision encoder", "Z-Image SigLIP2 Loader"),
+}
+MODULES = {"model": ZImageTransformer, "text_encoder": TextEncoder, "vae": VAE, "siglip": VisionEncoder}
+
+
 def check_choices(*checks: tuple[str, str, list]) -> str | bool:
     """True, or a message naming the first (input, value, options) whose value is not among its options."""
     for name, value, options in checks:
@@ -46,8 +58,19 @@ def choices(folder: str, component: str) -> dict:
     return model_choices(folder_paths.get_folder_paths(folder), component)
 
 
-def ready(patcher):
-    """The model on its device, after ComfyUI made room for it (other models may be offloaded)."""
+def expect(name: str, value, types, what: str):
+    """`value` when it is one of `types`; else an error naming the input (`/prompt` can put any JSON value into an
+    input that the UI only lets a link fill)."""
+    if not isinstance(value, types):
+        raise ValueError(f"{name}: expected {what}, got {type(value).__name__} {str(value)[:60]!r}")  # noqa: TRY004
+    return value
+
+
+def ready(patcher, name: str):
+    """The model behind input `name` on its device, after ComfyUI made room for it (others may be offloaded)."""
+    kind, loader = KINDS[name]
+    expect(name, patcher, comfy.model_patcher.ModelPatcher, f"a {kind} from {loader}")
+    expect(name, patcher.model, MODULES[name], f"a {kind} from {loader}")
     mm.load_models_gpu([patcher], force_full_load=True)
     return patcher.model
 
@@ -104,7 +127,7 @@ def loader(node_id, title, component, folder, output, dtypes, description):
                     ),
                     io.Combo.Input(
                         "device",
-                        options=["default", "cpu"],
+                        options=DEVICE_CHOICES,
                         default="default",
                         tooltip="default: ComfyUI's device for this kind of model; cpu keeps it there.",
                     ),
@@ -113,12 +136,11 @@ def loader(node_id, title, component, folder, output, dtypes, description):
             )
 
         @classmethod
-        def validate_inputs(cls, name, weight_dtype, device):
-            """Checked here, not by ComfyUI: 0.3.64 does not check a V3 combo's value against its options."""
-            found = list(choices(folder, component))
-            return check_choices(
-                ("name", name, found), ("weight_dtype", weight_dtype, dtypes), ("device", device, DEVICE_CHOICES)
-            )
+        def validate_inputs(cls, name):
+            """ComfyUI 0.3.64 does not check a V3 combo's value against its options, so the file is checked here.
+            Only `name`: ComfyUI gives this answer to every input named here. The other two are checked by newer
+            hosts and, for 0.3.64, in `execute`."""
+            return check_choices(("name", name, list(choices(folder, component))))
 
         @classmethod
         def fingerprint_inputs(cls, name, weight_dtype, device):
@@ -128,6 +150,9 @@ def loader(node_id, title, component, folder, output, dtypes, description):
 
         @classmethod
         def execute(cls, name, weight_dtype, device) -> io.NodeOutput:
+            checked = check_choices(("weight_dtype", weight_dtype, dtypes), ("device", device, DEVICE_CHOICES))
+            if checked is not True:
+                raise ValueError(checked)
             return io.NodeOutput(load(component, folder, name, weight_dtype, device))
 
     Loader.__name__ = Loader.__qualname__ = node_id

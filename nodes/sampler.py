@@ -7,10 +7,11 @@ import latent_preview
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..zimage_core import sampling
+from ..zimage_core import limits, sampling
 from ..zimage_core.edit import EditConditioning, EditModel
+from ..zimage_core.text_encoder import Embeddings
 from ..zimage_core.vae import VAEConfig
-from .loaders import ZImageModel, ready
+from .loaders import ZImageModel, expect, ready
 from .text_encode import ZImageConditioning
 
 FLUX = VAEConfig()  # the released VAE's latent scale and shift, as ComfyUI's Flux latent format
@@ -50,17 +51,23 @@ class ZImageSampler(io.ComfyNode):
                 io.Int.Input(
                     "seed",
                     default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
+                    min=limits.SEED.low,
+                    max=limits.SEED.high,
                     control_after_generate=True,
                     tooltip="Image i of a batch uses seed + i, so any image can be made again alone.",
                 ),
-                io.Int.Input("steps", default=8, min=1, max=1000, tooltip="Transformer evaluations (Turbo: 8)."),
+                io.Int.Input(
+                    "steps",
+                    default=8,
+                    min=limits.STEPS.low,
+                    max=limits.STEPS.high,
+                    tooltip="Transformer evaluations (Turbo: 8).",
+                ),
                 io.Float.Input(
                     "cfg",
                     default=1.0,
-                    min=1.0,
-                    max=30.0,
+                    min=limits.CFG.low,
+                    max=limits.CFG.high,
                     step=0.1,
                     round=0.01,
                     tooltip="Classifier-free guidance, ComfyUI's scale: 1 = off (Turbo); Base: 3-5.",
@@ -68,34 +75,47 @@ class ZImageSampler(io.ComfyNode):
                 io.Int.Input(
                     "width",
                     default=1024,
-                    min=16,
-                    max=4096,
+                    min=limits.SIZE.low,
+                    max=limits.SIZE.high,
                     step=16,
                     tooltip="Image width (no latent; editing: the last reference's size).",
                 ),
-                io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Image height (no latent)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per run (no latent)."),
+                io.Int.Input(
+                    "height",
+                    default=1024,
+                    min=limits.SIZE.low,
+                    max=limits.SIZE.high,
+                    step=16,
+                    tooltip="Image height (no latent).",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=1,
+                    min=limits.BATCH.low,
+                    max=limits.BATCH.high,
+                    tooltip="Images per run (no latent).",
+                ),
                 io.Float.Input(
                     "denoise",
                     default=1.0,
-                    min=0.0,
-                    max=1.0,
+                    min=limits.DENOISE.low,
+                    max=limits.DENOISE.high,
                     step=0.01,
                     tooltip="With a latent: how much to change it (img2img 0.6 is a good start).",
                 ),
                 io.Float.Input(
                     "shift",
                     default=sampling.SHIFT,
-                    min=0.0,
-                    max=100.0,
+                    min=limits.SHIFT.low,
+                    max=limits.SHIFT.high,
                     step=0.1,
                     tooltip="Sigma schedule shift; 3 as the released scheduler configs.",
                 ),
                 io.Float.Input(
                     "variety",
                     default=0.0,
-                    min=0.0,
-                    max=2.0,
+                    min=limits.VARIETY.low,
+                    max=limits.VARIETY.high,
                     step=0.05,
                     tooltip="Seed variety for Turbo: seeded noise on the prompt's features for the "
                     "first 2 steps, so seeds differ in composition (0.3-0.6); 0 = off.",
@@ -107,26 +127,32 @@ class ZImageSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, seed, steps, cfg, width, height, batch_size, denoise, shift, variety,
                 negative=None, latent=None, mask=None) -> io.NodeOutput:  # fmt: skip
+        limits.settings(steps, cfg, denoise, shift, variety, sampling.VARIETY_STEPS)  # before any model moves
         if cfg > 1 and negative is None:
             raise ValueError("cfg > 1 needs a negative prompt: connect a Z-Image Text Encode (an empty text is fine)")
-        if mask is None and latent is not None:
-            mask = latent.get("noise_mask")
-        if mask is not None and latent is None:
-            raise ValueError("a mask needs the latent of the image to inpaint: connect Z-Image VAE Encode's output")
-        transformer = ready(model)
+        conditioning = (Embeddings, EditConditioning)
+        expect("positive", positive, conditioning, "conditioning from Z-Image Text Encode or Edit Conditioning")
+        if negative is not None:
+            expect("negative", negative, conditioning, "conditioning from Z-Image Text Encode or Edit Conditioning")
+        if latent is not None:
+            expect("latent", latent, dict, "a LATENT")
+            expect("latent", latent.get("samples"), torch.Tensor, "a LATENT holding samples")
+            mask = latent.get("noise_mask") if mask is None else mask
+        if mask is not None:
+            expect("mask", mask, torch.Tensor, "a MASK")
+        transformer = ready(model, "model")
         edit, omni = isinstance(positive, EditConditioning), transformer.cfg.siglip_feat_dim is not None
         if edit != omni:
             raise ValueError(NOT_OMNI if edit else NOT_EDIT)
         if edit and negative is not None and not isinstance(negative, EditConditioning):
             raise ValueError("with edit conditioning, the negative must be the Z-Image Edit Conditioning's too")
-        clean = None if latent is None else FLUX.normalize(latent["samples"].float())
-        if clean is not None and (clean.ndim != 4 or clean.shape[1] != transformer.cfg.in_channels):
-            raise ValueError(
-                f"the latent has shape {tuple(clean.shape)}; Z-Image samples 16-channel Flux latents (B, 16, h, w): "
-                "use EmptySD3LatentImage or Z-Image VAE Encode, not an SD 1.x/XL (4-channel) or video latent"
-            )
-        n = batch_size if clean is None else clean.shape[0]
-        seeds = [(seed + i) % 2**64 for i in range(n)]
+        clean = None if latent is None else latent["samples"]
+        if clean is not None:
+            limits.latents("latent", clean, transformer.cfg.in_channels)
+            clean = FLUX.normalize(clean.float())
+        seeds = limits.seeds(seed, batch_size if clean is None else clean.shape[0])
+        if clean is None and not edit:
+            limits.size(width, height, sampling.FACTOR * transformer.cfg.patch_size)
         shape = (transformer.cfg.in_channels, height // sampling.FACTOR, width // sampling.FACTOR)
         if edit:  # the output takes the last reference's size unless a latent says otherwise
             shape = (transformer.cfg.in_channels, *positive.refs[-1].shape[2:])

@@ -35,5 +35,5 @@ class ZImageTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, text, max_length) -> io.NodeOutput:
-        encoded = ready(text_encoder).encode([text], max_length or None)  # a cut prompt is logged there
+        encoded = ready(text_encoder, "text_encoder").encode([text], max_length or None)  # a cut prompt is logged there
         return io.NodeOutput(encoded._replace(features=encoded.features.to(mm.intermediate_device())))

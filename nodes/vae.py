@@ -1,11 +1,12 @@
 """Z-Image VAE Decode / Encode: ComfyUI's IMAGE and LATENT (the autoencoder's own latents, as native nodes hold)."""
 
 import comfy.model_management as mm
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core.sampling import PATCH
 from ..zimage_core.vae import crop_to
-from .loaders import ZImageVAE, check_choices, ready
+from .loaders import ZImageVAE, check_choices, expect, ready
 
 TILED = {"auto": None, "on": True, "off": False}
 TILED_TOOLTIP = "Run in bands of rows (same result, a fraction of the memory): auto does when the whole image " \
@@ -38,10 +39,8 @@ class ZImageVAEDecode(TiledNode):
 
     @classmethod
     def execute(cls, vae, samples, tiled) -> io.NodeOutput:
-        z = samples["samples"]
-        if z.ndim != 4:
-            raise ValueError(f"Z-Image VAE Decode takes image latents (B, 16, h, w), got shape {tuple(z.shape)}")
-        return io.NodeOutput(ready(vae).decode(z, tiled=TILED[tiled]).to(mm.intermediate_device()))
+        z = expect("samples", expect("samples", samples, dict, "a LATENT").get("samples"), torch.Tensor, "a LATENT")
+        return io.NodeOutput(ready(vae, "vae").decode(z, tiled=TILED[tiled]).to(mm.intermediate_device()))
 
 
 class ZImageVAEEncode(TiledNode):
@@ -63,6 +62,6 @@ class ZImageVAEEncode(TiledNode):
 
     @classmethod
     def execute(cls, vae, pixels, tiled) -> io.NodeOutput:
-        model = ready(vae)
-        images = crop_to(pixels[..., :3], model.cfg.factor * PATCH)
+        model = ready(vae, "vae")
+        images = crop_to(expect("pixels", pixels, torch.Tensor, "an IMAGE")[..., :3], model.cfg.factor * PATCH)
         return io.NodeOutput({"samples": model.encode(images, tiled=TILED[tiled]).to(mm.intermediate_device())})

@@ -101,7 +101,7 @@ def test_comfyui_models_folder_is_searched_by_released_names(tmp_path):
 def test_bad_sizes_and_strength_are_clear(tmp_path):
     result = generate("--model", "tiny-random", "--prompt", "x", "--size", "30x30", "--out", tmp_path / "x.png")
     assert result.returncode == 1 and "multiples of 4" in result.stderr
-    result = generate("--model", "tiny-random", "--prompt", "x", "--size", "4x2052", "--out", tmp_path / "x.png")
+    result = generate("--model", "tiny-random", "--prompt", "x", "--size", "16x2064", "--out", tmp_path / "x.png")
     assert result.returncode == 1 and "beyond this model's position table: at most 2048x2048" in result.stderr
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     result = generate("--model", "tiny-random", "--prompt", "x", "--size", "32x32", "--steps", "4", "--init-image",

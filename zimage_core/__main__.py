@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import limits
 from .checkpoint import CheckpointError
 from .loaders import LOADERS, components
 from .pipeline import TINY_RANDOM, find_models
@@ -35,12 +36,19 @@ def reset_peak_rss():
         pass
 
 
+def status_bytes(field: str) -> int | None:
+    """A memory figure of this process from Linux's /proc/self/status (VmRSS, VmHWM), None elsewhere."""
+    try:
+        return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
 def peak_rss_bytes() -> int | None:
     """Peak resident memory: Linux's VmHWM, else `resource` (macOS, BSD), else None (Windows has neither)."""
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        pass
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:
@@ -60,15 +68,18 @@ def inspect(args) -> int:
     found = [args.component] if args.component else components(args.path)
     if config is not None and len(found) > 1:
         raise ValueError(f"{args.path} holds {' and '.join(found)}: say which one --config is for with --component")
+    if "text_encoder" in found:
+        from . import text_encoder  # noqa: F401 (transformers, imported before memory is measured)
     for component in found:
         gc.collect()
         reset_peak_rss()
+        before = status_bytes("VmRSS")  # the interpreter and its libraries: a CUDA build of torch adds ~0.3 GB
         start = time.perf_counter()
         model = LOADERS[component](
             args.path, args.device, DTYPES[args.dtype], WEIGHT_DTYPES.get(args.weight_dtype), config=config
         )
         info = {**model.info.as_dict(), "load_seconds": round(time.perf_counter() - start, 3)}
-        info["peak_rss_bytes"] = peak_rss_bytes()
+        info["peak_rss_bytes"], info["rss_before_bytes"] = peak_rss_bytes(), before
         del model
         print(json.dumps(info) if args.json else report(info), flush=True)
     return 0
@@ -109,6 +120,12 @@ def read_image(path: str, mode: str) -> torch.Tensor:
     return torch.from_numpy(array.reshape(*array.shape[:2], -1))[None]
 
 
+def default_dtype(device: str) -> str:
+    """As ComfyUI's default: bf16 on GPUs that have it, fp32 on the CPU (where bf16 is slow)."""
+    kind = torch.device(device).type
+    return "bf16" if kind != "cpu" and (kind != "cuda" or torch.cuda.is_bf16_supported()) else "fp32"
+
+
 def generate(args) -> int:
     """Generate images from a prompt, with the models loaded one at a time, and save them as PNG."""
     width, height = (int(v) for v in args.size.lower().split("x")) if args.size else (None, None)
@@ -119,7 +136,7 @@ def generate(args) -> int:
     for path in args.edit_image:
         with Image.open(path) as image:
             references.append(image.convert("RGB"))
-    seeds = [args.seed + i for i in range(args.batch)]
+    seeds = limits.seeds(args.seed, args.batch)
     init = read_image(args.init_image, "RGB") if args.init_image else None
     mask = read_image(args.mask, "L")[..., 0] if args.mask else None
     if mask is not None and init is None:
@@ -133,8 +150,9 @@ def generate(args) -> int:
 
     result = pipeline_generate(
         models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
-        width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype], init, strength, mask,
-        args.variety, args.variety_steps, references or None, callback=progress,
+        width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
+        strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
+        vae_dtype=DTYPES[args.vae_dtype],
     )  # fmt: skip
     height, width = result.images.shape[1:3]
     bar.close()
@@ -197,9 +215,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch", type=int, default=1, help="images to generate")
-    p.add_argument(
-        "--dtype", choices=DTYPES, default="bf16", help="compute dtype (default bf16; the VAE: fp32, editing bf16)"
-    )
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="fp32", help="the VAE's (default fp32)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--variety", type=float, default=0.0, help="Turbo seed variety: prompt noise strength (0 = off)")
     p.add_argument("--variety-steps", type=int, default=2, help="evaluations that see the varied prompt (default 2)")

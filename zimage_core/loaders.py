@@ -391,6 +391,9 @@ def load_siglip(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         cfg = siglip_config(ckpt, sources, config)
         with torch.device("meta"):
             model = Siglip2VisionModel(Siglip2VisionConfig(**cfg, vision_use_head=False))
+        # transformers 4.x wraps the tower as `.vision_model`; 5.x names its parameters without it
+        inner = "vision_model." if next(iter(dict(model.named_parameters()))).startswith("vision_model.") else ""
+        sources = {inner + k: v for k, v in sources.items()}
         source = "inferred from the tensors" if config is None and ckpt.config is None else "config.json"
         described = f"a SigLIP2 vision encoder with hidden size {cfg['hidden_size']}, {cfg.get('num_hidden_layers')} layers ({source})"
         fill(model, ckpt, sources, torch.device(device), dtype, None, described)

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen3Config
 
+from . import limits
 from .checkpoint import CheckpointError
 from .edit import EditModel, encode_prompts, prepare_references, reference_latents, siglip_features
 from .loaders import LOADERS, load_siglip
-from .sampling import PATCH, check_size, denoise, encode_with_noise, start_index
+from .sampling import PATCH, SHIFT, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import VAE, VAEConfig
@@ -160,6 +161,7 @@ def generate(
     references: list[Image.Image] | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    vae_dtype: torch.dtype = torch.float32,
 ) -> Result:
     """Text-to-image (1024x1024 unless sized), img2img (`init_images`, `strength`), inpaint (`masks` (B, H, W),
     1 = repaint) or edit (`references`: images an Omni/Edit transformer follows; the size defaults to the last's).
@@ -168,16 +170,19 @@ def generate(
     Each image has its own seed (default 0, 1, ...), drawn as diffusers draws per-image generators.
     `variety` > 0 (Turbo's seed variety, off by default) perturbs the prompt's features with seeded noise of that
     relative strength for the first `variety_steps` evaluations (0.3-0.6 and 2 are good starting points).
+    The VAE computes in `vae_dtype`, fp32 as the official pipeline and the VAE loader node's default (diffusers'
+    edit pipeline runs it in bf16). The returned latents are the sampler's, unrounded.
     """
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    limits.settings(steps, cfg, strength, SHIFT, variety, variety_steps)  # before anything slow
+    for seed in seeds:
+        limits.number("seed", seed, limits.SEED, integer=True)
     if references and (init_images is not None or variety > 0):
         raise ValueError("reference images (edit) do not combine with an init image or seed variety")
     n_refs = len(references or [])
-    # small, and it tells the size rules before anything slow runs; fp32 as the official pipeline, bf16 for edits
-    # as the reference edit pipeline runs it (it encodes references in bf16 and requires a bf16 VAE)
-    vae = load("vae", models.vae, device, torch.bfloat16 if references else torch.float32)
+    vae = load("vae", models.vae, device, vae_dtype)  # small, and it tells the size rules before anything slow
     cell = vae.cfg.factor * PATCH
     refs = features = None
     if references:
@@ -187,7 +192,7 @@ def generate(
         features = siglip_features(*load("siglip", models.siglip, device, dtype), resized)
         release(device)
     width, height = width or 1024, height or 1024
-    check_size(width, height, cell)
+    limits.size(width, height, cell)
     if init_images is not None:
         start_index(steps, strength)  # a strength that leaves no step fails here, not after loading
     encoder = load("text_encoder", models.text_encoder, device, dtype)
@@ -202,6 +207,9 @@ def generate(
 
     clean = start = None
     if init_images is not None:
+        if masks is not None:  # the mask goes with the image: the same size, resized with it
+            masks = limits.mask(masks, len(seeds), *init_images.shape[1:3], 1)
+            masks = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0]
         if init_images.shape[1:3] != (height, width):
             init_images = F.interpolate(init_images.movedim(-1, 1), size=(height, width), mode="bicubic")
             init_images = init_images.clamp(0, 1).movedim(1, -1)
@@ -219,5 +227,5 @@ def generate(
                       variety_steps=variety_steps, factor=vae.cfg.factor, callback=callback, cancelled=cancelled)  # fmt: skip
     del transformer, model
     release(device)
-    z = vae.cfg.denormalize(latents.to(vae.dtype))  # in the VAE's dtype, as the references decode
-    return Result(vae.decode(z), z.float().cpu(), cond.dropped)
+    z = vae.cfg.denormalize(latents)  # float32: what a ComfyUI LATENT holds; decode casts to the VAE's dtype
+    return Result(vae.decode(z), z.cpu(), cond.dropped)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import limits
 from .text_encoder import Embeddings
 from .vae import VAEConfig
 
@@ -21,6 +22,7 @@ FACTOR = VAEConfig().factor  # the Flux VAE's 8: image pixels per latent pixel
 PATCH = 2  # every released Z-Image transformer's latent patch size
 SHIFT = 3.0  # Z-Image's scheduler_config.json (Turbo; ComfyUI uses it for every Z-Image model)
 VARIETY_SEED_OFFSET = 7919  # seed variety draws from seed + this, a stream apart from the latent noise's
+VARIETY_STEPS = 2  # evaluations that see the varied prompt
 
 
 def sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
@@ -154,17 +156,6 @@ def sample(
     return x
 
 
-def check_size(width: int, height: int, cell: int, most: tuple[int, int] | None = None):
-    """Images are whole patches of latent pixels (`cell` image pixels), and at most `most` patches across/down
-    (the transformer's RoPE table)."""
-    if width % cell or height % cell or min(width, height) < cell:
-        raise ValueError(f"width and height must be multiples of {cell} for this model, got {width}x{height}")
-    if most is not None and (width // cell > most[0] or height // cell > most[1]):
-        raise ValueError(
-            f"{width}x{height} is beyond this model's position table: at most {most[0] * cell}x{most[1] * cell}"
-        )
-
-
 def denoise(
     transformer,
     cond: Embeddings,
@@ -179,7 +170,7 @@ def denoise(
     strength: float = 1.0,
     masks: torch.Tensor | None = None,
     variety: float = 0.0,
-    variety_steps: int = 2,
+    variety_steps: int = VARIETY_STEPS,
     shift: float = SHIFT,
     factor: int = FACTOR,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -190,29 +181,36 @@ def denoise(
     From noise of `shape` (C, h, w), or from `clean` latents (B, C, h, w) at `strength` (img2img), repainting only
     where `masks` (B or 1, H, W) is >= 0.5 (inpaint). Noise is drawn per seed unless `start_noise` is given.
     `cond`/`uncond` with one item serve every seed. `factor` is the VAE's, for the size check in image pixels.
+    Every setting and input is checked first (`limits`), so a bad one fails before any evaluation.
     """
     n = len(seeds)
+    limits.settings(steps, cfg, strength, shift, variety, variety_steps)
     if variety > 0 and not all(isinstance(length, int) for length in cond.lengths):
         raise ValueError("seed variety varies text conditioning; with edit conditioning set it to 0")
+    channels = transformer.cfg.in_channels
+    if clean is not None:
+        limits.latents("latent", clean, channels)
+        if clean.shape[0] != n:
+            raise ValueError(f"{clean.shape[0]} latents but {n} seeds")
+    h, w = shape[1:] if clean is None else clean.shape[2:]
+    _, rows, cols = transformer.cfg.axes_lens
+    limits.size(w * factor, h * factor, factor * transformer.cfg.patch_size, (cols, rows))
+    if masks is not None:
+        if clean is None:
+            raise ValueError("a mask needs the latent of the image to inpaint: connect Z-Image VAE Encode's output")
+        masks = limits.mask(masks, n, h, w, factor)
     cond = cond.repeat(n)
     uncond = uncond.repeat(n) if uncond is not None and cfg > 1 else None
     schedule = sigmas(steps, shift)
-    h, w = shape[1:] if clean is None else clean.shape[2:]
-    _, rows, cols = transformer.cfg.axes_lens
-    check_size(w * factor, h * factor, factor * transformer.cfg.patch_size, (cols, rows))
     inpaint = None
     if clean is None:
         latents = noise(shape, seeds)
     else:
-        if clean.shape[0] != n:
-            raise ValueError(f"{clean.shape[0]} latents but {n} seeds")
         start_noise = noise(clean.shape[1:], seeds) if start_noise is None else start_noise
         schedule = schedule[start_index(steps, strength) :]
         latents = noised(clean, start_noise, schedule[0])
         if masks is not None:
-            mask = F.interpolate(
-                (masks.reshape(-1, 1, *masks.shape[-2:]).float() >= 0.5).float(), (h, w), mode="nearest"
-            )
+            mask = F.interpolate((masks[:, None].float() >= 0.5).float(), (h, w), mode="nearest")
             inpaint = (clean, start_noise, mask.expand(n, -1, -1, -1))
     varied = (vary(cond, seeds, variety), variety_steps) if variety > 0 else None
     return sample(transformer, latents, cond, uncond, schedule, cfg - 1, callback=callback, cancelled=cancelled,

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import limits
+
 BAND = 64  # rows per band when running in bands
 PEAK_MAPS = 8  # a whole-image decode's peak in full-resolution first-level feature maps: 7.6 measured (bench/)
 
@@ -223,6 +225,9 @@ class VAE(nn.Module):
         `tiled`: None runs in bands only when the whole image would not fit in free memory; True/False force it.
         """
         f = self.cfg.factor
+        if images.ndim != 4 or images.shape[-1] != self.cfg.in_channels:
+            raise ValueError(f"pixels have shape {tuple(images.shape)}; expected images (B, H, W, 3)")
+        limits.finite("pixels", images)
         if images.shape[1] % f or images.shape[2] % f:
             raise ValueError(f"image size {images.shape[2]} x {images.shape[1]} is not a multiple of {f}")
         x = images.movedim(-1, 1).to(self.decoder.conv_in.weight.device) * 2 - 1
@@ -241,6 +246,7 @@ class VAE(nn.Module):
 
         `tiled`: None runs in bands only when the whole image would not fit in free memory; True/False force it.
         """
+        limits.latents("samples", z, self.cfg.latent_channels)
         z = z.to(self.decoder.conv_in.weight.device, self.dtype)
         z = self.post_quant_conv(z) if self.cfg.quant_conv else z
         x = self.run(self.decoder, z, self.cfg.factor, tiled)
