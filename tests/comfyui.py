@@ -43,6 +43,7 @@ SOURCES = {  # which written model each released name gets
     "vae": "vae", "clip_vision": "siglip",
 }  # fmt: skip
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
+REPORT: dict[str, dict[str, str]] = {}  # version -> what the hardening tests measured, printed at the end
 
 
 class NoHost(Exception):

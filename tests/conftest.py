@@ -36,6 +36,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.server)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The hardening tests' figures per host (cases, fuzz, RSS drift, interrupts), for the record."""
+    for version, rows in comfyui.REPORT.items():
+        terminalreporter.write_line(f"ComfyUI {version}:")
+        for key, value in rows.items():
+            terminalreporter.write_line(f"  {key}: {value}")
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
