@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3Model
+
+if TYPE_CHECKING:  # imported where used: the floors run (tests/floors.txt) has no diffusers
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
 
 # The released transformer (zimage-spec.md 1.2; HF Tongyi-MAI/Z-Image-Turbo transformer/config.json).
 REAL = {
@@ -54,6 +57,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def reference_transformer(config: dict, seed: int = 0) -> ZImageTransformer2DModel:
     """diffusers' ZImageTransformer2DModel with seeded random weights, in fp32."""
+    from diffusers import ZImageTransformer2DModel
+
     with torch.device("meta"):
         model = ZImageTransformer2DModel(**config)
     return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
@@ -178,8 +183,15 @@ def write_sparse(path: Path, tensors: dict, metadata: dict | None = None) -> Pat
     return path
 
 
+def loaded_peak(info: dict) -> int:
+    """Peak RSS beyond what the interpreter held before loading (torch alone is 0.3 GB, 0.7 GB as a CUDA build)."""
+    return info["peak_rss_bytes"] - info["rss_before_bytes"]
+
+
 def full_size_specs(config: dict = REAL, dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple]:
     """Every tensor name and shape of the diffusers model for `config`, as (shape, dtype) specs."""
+    from diffusers import ZImageTransformer2DModel
+
     with torch.device("meta"):
         model = ZImageTransformer2DModel(**config)
     return {n: (tuple(t.shape), dtype) for n, t in model.state_dict().items()}
@@ -329,6 +341,8 @@ VAE_TINY = {
 
 def reference_vae(config: dict, seed: int = 0) -> AutoencoderKL:
     """diffusers' AutoencoderKL with seeded random weights, fp32."""
+    from diffusers import AutoencoderKL
+
     with torch.device("meta"):
         model = AutoencoderKL(**config)
     return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)

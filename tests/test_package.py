@@ -106,8 +106,8 @@ def test_the_tokenizer_ships_with_the_pack():
 def test_the_tokenizer_provenance_note_gives_every_files_checksum():
     folder = ROOT / "zimage_core" / "qwen_tokenizer"
     note = (folder / "PROVENANCE.md").read_text(encoding="utf-8")
-    rows = dict((name, (int(size), digest)) for name, size, digest in
-                re.findall(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", note, re.M))  # fmt: skip
+    rows = {name: (int(size), digest) for name, size, digest in
+                re.findall(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$", note, re.MULTILINE)}  # fmt: skip
     assert "Apache License 2.0" in note and "Source" in note
     assert rows.keys() == {p.name for p in folder.iterdir() if p.name != "PROVENANCE.md"}
     for name, (size, digest) in rows.items():

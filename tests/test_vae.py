@@ -173,7 +173,6 @@ def test_bands_are_chosen_when_the_whole_image_would_not_fit(factor8, monkeypatc
     assert calls == [1]
 
 
-
 @pytest.mark.parametrize("part", ["decoder", "encoder"])
 def test_an_out_of_memory_whole_run_falls_back_to_bands(factor8, monkeypatch, part):
     z, x = latents(1, 24, 40, seed=6), images(1, 64, 96, seed=7)
@@ -189,6 +188,7 @@ def test_an_out_of_memory_whole_run_falls_back_to_bands(factor8, monkeypatch, pa
     assert torch.equal(got, expected)  # the same banded run, same shapes
     with pytest.raises(torch.OutOfMemoryError):  # asked for a whole-image run: not second-guessed
         factor8.decode(z, tiled=False) if part == "decoder" else factor8.encode(x, tiled=False)
+
 
 # ---- wrong files ----
 
