@@ -241,3 +241,17 @@ def saved(server: Server, entry: dict) -> list[np.ndarray]:
     """The images a finished prompt's SaveImage nodes wrote."""
     refs = [ref for out in entry["outputs"].values() for ref in out.get("images", []) if ref["type"] == "output"]
     return [np.asarray(Image.open(server.base / "output" / r["subfolder"] / r["filename"])) for r in refs]
+
+
+if __name__ == "__main__":  # .ci/run: set every host up before the suite, and say which will run
+    ready, missing = [], []
+    for wanted in versions():
+        try:
+            ready.append(f"{wanted} ({host(wanted)})")
+        except NoHost as e:
+            missing.append(f"{wanted}: {e}")
+    if ready:
+        print(f"=== ComfyUI server tests: WILL RUN against {', '.join(ready)} ===")
+    for line in missing:
+        print(f"=== ComfyUI server tests: MISSING {line} ===")
+    sys.exit(1 if missing and in_ci() else 0)

@@ -28,6 +28,18 @@ def test_pyproject_for_the_registry():
     assert {"PublisherId", "DisplayName", "Icon"} <= project["tool"]["comfy"].keys()
 
 
+def test_the_floors_run_installs_exactly_the_declared_floors():
+    """.ci/run tests the lowest versions promised: tests/floors.txt must pin each dependency at its floor."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(line.split("==") for line in (ROOT / "tests" / "floors.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))  # fmt: skip
+    release = lambda v: tuple(int(p) for p in v.split(".")) + (0,) * (3 - v.count(".") - 1)  # noqa: E731
+    for dep in declared:
+        name, floor = dep.split(">=")
+        assert release(floors[name]) == release(floor), (name, floors.get(name), floor)
+    assert (ROOT / "requirements.txt").read_text().split("\n", 1)[1].split() == declared
+
+
 def test_requirements_leave_torch_to_the_host():
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     names = {line.split(">")[0].split("=")[0].split("<")[0] for line in lines if line}
