@@ -6,7 +6,7 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, stamp
+from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, resolve, stamp
 from ..zimage_core.text_encoder import TextEncoder
 from ..zimage_core.transformer import ZImageTransformer
 from ..zimage_core.vae import VAE
@@ -76,11 +76,7 @@ def ready(patcher, name: str):
 
 
 def load(component: str, folder: str, name: str, weight_dtype: str, device: str):
-    found = choices(folder, component)
-    if name not in found:
-        raise FileNotFoundError(
-            f"'{name}' is not in ComfyUI's {folder} folders ({folder_paths.get_folder_paths(folder)})"
-        )
+    path = resolve(folder_paths.get_folder_paths(folder), component, name)
     cpu = torch.device("cpu")
     load_device, offload_device = (cpu, cpu) if device == "cpu" else (f() for f in DEVICES[component])
     if weight_dtype in DTYPES:
@@ -93,12 +89,12 @@ def load(component: str, folder: str, name: str, weight_dtype: str, device: str)
 
     def build():
         if component == "siglip":
-            model = VisionEncoder(*load_siglip(found[name], offload_device, dtype))
+            model = VisionEncoder(*load_siglip(path, offload_device, dtype))
         else:
-            model = LOADERS[component](found[name], offload_device, dtype, **extra)
+            model = LOADERS[component](path, offload_device, dtype, **extra)
         return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
-    return CACHE.get(component, found[name], (weight_dtype, device), build)
+    return CACHE.get(component, path, (weight_dtype, device), build)
 
 
 def loader(node_id, title, component, folder, output, dtypes, description):

@@ -3,10 +3,12 @@
 import gc
 import os
 import time
+from pathlib import Path
 
 import pytest
 
-from zimage_core.loaders import ModelCache, model_choices, stamp
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.loaders import ModelCache, model_choices, resolve, stamp
 
 
 def touch(path, data=b"x"):
@@ -92,3 +94,16 @@ def test_a_failed_load_stores_nothing(tmp_path):
         cache.get("vae", a, (), broken)
     assert not cache.alive
     assert isinstance(cache.get("vae", a, (), Model), Model)
+
+
+def test_model_names_cannot_escape_the_model_folders(tmp_path):
+    root = tmp_path / "models" / "diffusion_models"
+    inside = touch(root / "sub" / "z_image_turbo_bf16.safetensors")
+    touch(tmp_path / "models" / "vae" / "ae.safetensors")
+    touch(tmp_path / "secret.safetensors")
+    assert resolve([root], "transformer", "sub/z_image_turbo_bf16.safetensors") == inside
+    for name in ("../vae/ae.safetensors", "../../secret.safetensors", "..\\..\\secret.safetensors",
+                 str(tmp_path / "secret.safetensors"), "sub/../../vae/ae.safetensors", "/etc/passwd", "", "."):
+        with pytest.raises(CheckpointError, match="is not among the models in"):
+            resolve([root], "transformer", name)
+    assert all(Path(p).resolve().is_relative_to(root) for p in model_choices([root], "transformer").values())

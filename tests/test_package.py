@@ -33,7 +33,7 @@ def test_the_floors_run_installs_exactly_the_declared_floors():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     floors = dict(line.split("==") for line in (ROOT / "tests" / "floors.txt").read_text().splitlines()
                   if line and not line.startswith("#"))  # fmt: skip
-    release = lambda v: tuple(int(p) for p in v.split(".")) + (0,) * (3 - v.count(".") - 1)  # noqa: E731
+    release = lambda v: tuple(int(p) for p in v.split(".")) + (0,) * (3 - v.count(".") - 1)
     for dep in declared:
         name, floor = dep.split(">=")
         assert release(floors[name]) == release(floor), (name, floors.get(name), floor)

@@ -94,6 +94,30 @@ def test_nodes_make_the_pipelines_image(server, client, models):
     assert difference.max() <= 1 and difference.mean() <= 0.01, (difference.max(), difference.mean())
 
 
+def test_an_edit_graph_makes_the_pipelines_edit(server, client, models):
+    """The Omni route of the edit workflow and `generate(references=...)` share their policies (VAE dtype, sizes,
+    prompt pieces): the same pixels."""
+    graph = small(workflow("zimage_edit"), steps=2, seed=7)
+    edit, sampler = node_of(graph, "ZImageEditConditioning"), "5"
+    graph = ancestors(graph, next(i for i, n in graph.items() if n["inputs"].get("filename_prefix") == "z-image-edit"))
+    for node in graph.values():
+        if node["class_type"] in ("ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageSigLIPLoader"):
+            node["inputs"]["weight_dtype"] = "fp32"
+    entry = run(client, graph)
+    assert failure(entry) is None, failure(entry)
+    (image,) = saved(server, entry)
+    files = Models(models / "omni.safetensors", models / "text_encoder.safetensors", models / "vae.safetensors",
+                   siglip=models / "siglip.safetensors")  # fmt: skip
+    with Image.open(server.base / "input" / graph[node_of(graph, "LoadImage")]["inputs"]["image"]) as picture:
+        reference = picture.convert("RGB")
+    inputs = graph[edit]["inputs"]
+    result = generate(files, [inputs["prompt"]], [inputs["negative"]], steps=2, cfg=graph[sampler]["inputs"]["cfg"],
+                      seeds=[7], dtype=torch.float32, references=[reference])  # fmt: skip
+    expected = np.clip(255.0 * result.images[0].numpy(), 0, 255).astype(np.uint8)
+    difference = np.abs(image.astype(int) - expected.astype(int))
+    assert image.shape == expected.shape and difference.max() <= 1, (difference.max(), difference.mean())
+
+
 def test_bad_values_come_back_as_node_errors_for_our_node(server, client):
     graph = small(workflow("zimage_turbo_text_to_image"))
     for node, name, value, expected in (

@@ -556,6 +556,16 @@ def model_choices(roots: list[str | Path], component: str) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def resolve(roots: list[str | Path], component: str, name: str) -> Path:
+    """The file or folder a loader's `name` stands for: only a name the folders list, so no name (`../x`, an
+    absolute path) reaches outside them."""
+    found = model_choices(roots, component).get(name)
+    if found is None:
+        where = ", ".join(map(str, roots)) or "no folders"
+        raise CheckpointError(f"{name!r} is not among the models in {where}: pick one the loader lists")
+    return found
+
+
 def stamp(path: str | Path) -> tuple:
     """What changes when the model at `path` is replaced: each weight and config file's name, size, time, inode."""
     path = Path(path)
