@@ -102,8 +102,16 @@ def test_model_names_cannot_escape_the_model_folders(tmp_path):
     touch(tmp_path / "models" / "vae" / "ae.safetensors")
     touch(tmp_path / "secret.safetensors")
     assert resolve([root], "transformer", "sub/z_image_turbo_bf16.safetensors") == inside
-    for name in ("../vae/ae.safetensors", "../../secret.safetensors", "..\\..\\secret.safetensors",
-                 str(tmp_path / "secret.safetensors"), "sub/../../vae/ae.safetensors", "/etc/passwd", "", "."):
+    for name in (
+        "../vae/ae.safetensors",
+        "../../secret.safetensors",
+        "..\\..\\secret.safetensors",
+        str(tmp_path / "secret.safetensors"),
+        "sub/../../vae/ae.safetensors",
+        "/etc/passwd",
+        "",
+        ".",
+    ):
         with pytest.raises(CheckpointError, match="is not among the models in"):
             resolve([root], "transformer", name)
     assert all(Path(p).resolve().is_relative_to(root) for p in model_choices([root], "transformer").values())
