@@ -62,8 +62,8 @@ def listed() -> list[Path] | None:
 
 def versions() -> list[str]:
     """The versions the server tests run against: those of `COMFYUI_PATH`'s checkouts, else all supported ones."""
-    paths = listed()
-    return list(VERSIONS) if paths is None else [version(p) for p in paths if (p / "main.py").is_file()]
+    found = [version(p) for p in listed() or [] if (p / "main.py").is_file()]
+    return found or list(VERSIONS)  # none found: each supported version then says why it is missing
 
 
 def archives() -> Path | None:

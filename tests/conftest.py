@@ -30,10 +30,18 @@ def small_folder(small_ref, tmp_path_factory):
 # ---- real ComfyUI servers (tests/comfyui.py); every test using `server` is marked `server` ----
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    """Mark server tests; a test marked `hosts(...)` runs only against those versions (the rest are deselected)."""
+    kept, dropped = [], []
     for item in items:
         if "server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
+        only = item.get_closest_marker("hosts")
+        version = getattr(item, "callspec", None) and item.callspec.params.get("server")
+        (dropped if only and version not in only.args else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_terminal_summary(terminalreporter):

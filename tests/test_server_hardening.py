@@ -404,9 +404,8 @@ def mutate(graph: dict, rng: random.Random) -> tuple[dict, str]:
     return graph, "; ".join(done)
 
 
+@pytest.mark.hosts("0.33.0")  # one host, the newest
 def test_a_seeded_fuzz_of_300_prompts_never_kills_hangs_or_garbles(server, client, bad_files):
-    if server.version != "0.33.0":
-        pytest.skip("the fuzz runs on one host, the newest")
     rng = random.Random(20261202)
     bases = [base("t2i"), base("inpaint"), base("native"), base("edit")]
     counts, unclear = {}, []
