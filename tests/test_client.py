@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from zimage_core.client import Client, ServerError, job_prompt, parse_set, run_job
+from zimage_core.client import main as client_main
 
 ROOT = Path(__file__).parents[1]
 WORKFLOW = json.loads((ROOT / "workflows/api/zimage_base_text_to_image.json").read_text())
@@ -46,7 +47,9 @@ def test_overrides_reach_their_inputs_and_name_what_is_wrong():
 
 
 class Stub(BaseHTTPRequestHandler):
-    """A ComfyUI stand-in: /prompt queues (400 for prompts whose seed is 13), jobs finish after `delay`."""
+    """A ComfyUI stand-in: /prompt queues under the client's id (400 for prompts whose seed is 13), a job finishes
+    `delay` s after it was queued, /queue lists the unfinished ones and deletes on request; with `stall` s the
+    answer to a /prompt comes that late (after the job was queued)."""
 
     state: dict
 
@@ -64,6 +67,11 @@ class Stub(BaseHTTPRequestHandler):
     def do_POST(self):
         s = self.state
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/queue":
+            with s["lock"]:
+                for prompt_id in body.get("delete", []):
+                    s["started"].pop(prompt_id, None)
+            return self.reply(200, {})
         with s["lock"]:
             s["auth"].append(self.headers.get("Authorization"))
             s["posts"] += 1
@@ -71,50 +79,126 @@ class Stub(BaseHTTPRequestHandler):
                 error = {"type": "value_smaller_than_min", "message": "Value smaller than min", "details": "steps"}
                 return self.reply(400, {"error": {"message": "Prompt outputs failed validation"},
                                         "node_errors": {"5": {"errors": [error], "class_type": "ZImageSampler"}}})  # fmt: skip
-            prompt_id = f"p{s['posts']}"
+            prompt_id = body.get("prompt_id") or f"p{s['posts']}"
             s["started"][prompt_id] = time.monotonic()
-            s["in_flight"] += 1
-            s["most"] = max(s["most"], s["in_flight"])
+            s["queued"].append(prompt_id)
+        time.sleep(s.get("stall", 0))
         self.reply(200, {"prompt_id": prompt_id, "number": 0, "node_errors": {}})
+
+    def finished(self, prompt_id) -> bool:
+        started = self.state["started"].get(prompt_id)
+        return started is not None and time.monotonic() - started >= self.state["delay"]
 
     def do_GET(self):
         s = self.state
         if self.path.startswith("/view"):
             return self.reply(200, PNG, "image/png")
+        if self.path == "/queue":
+            with s["lock"]:
+                held = [[0, i, {}, {}, []] for i in s["started"] if not self.finished(i)]
+                s["most"] = max(s["most"], len(held))
+            return self.reply(200, {"queue_running": held[:1], "queue_pending": held[1:]})
         prompt_id = self.path.rsplit("/", 1)[1]
         with s["lock"]:
-            started = s["started"].get(prompt_id)
-            if started is None or time.monotonic() - started < s["delay"]:
+            if not self.finished(prompt_id):
                 return self.reply(200, {})
-            if prompt_id not in s["done"]:
-                s["done"].add(prompt_id)
-                s["in_flight"] -= 1
         image = {"filename": f"{prompt_id}.png", "subfolder": "", "type": "output"}
         self.reply(200, {prompt_id: {"status": {"status_str": "success", "completed": True, "messages": []},
                                      "outputs": {"7": {"images": [image]}}}})  # fmt: skip
 
 
+def stub_state(**extra) -> dict:
+    return {"lock": threading.Lock(), "auth": [], "posts": 0, "started": {}, "queued": [], "most": 0, "delay": 0.3,
+            **extra}  # fmt: skip
+
+
+def serve(state: dict, port: int = 0) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", port), type("Handler", (Stub,), {"state": state}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture
 def stub():
-    state = {"lock": threading.Lock(), "auth": [], "posts": 0, "started": {}, "done": set(), "in_flight": 0,
-             "most": 0, "delay": 0.3}  # fmt: skip
-    handler = type("Handler", (Stub,), {"state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state = stub_state()
+    server = serve(state)
     yield server, state
     server.shutdown()
 
 
-def test_jobs_run_with_bounded_concurrency_and_a_log_line_each(stub, tmp_path):
+def watch(server, seen: list, stop: threading.Event):
+    """Ask the server what it holds every 10 ms, as an operator's dashboard would."""
+    client = Client(f"127.0.0.1:{server.server_port}", retries=0)
+    while not stop.is_set():
+        queue = client.call("/queue")
+        seen.append(len(queue["queue_running"]) + len(queue["queue_pending"]))
+        time.sleep(0.01)
+
+
+def test_concurrency_is_what_the_server_holds_at_most(stub, tmp_path):
+    """`--concurrency 2` with six jobs: the server, watched from outside, never holds more than two of them."""
+    server, state = stub
+    seen, stop = [], threading.Event()
+    watcher = threading.Thread(target=watch, args=(server, seen, stop))
+    watcher.start()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    api = ROOT / "workflows" / "api" / "zimage_base_text_to_image.json"
+    code = client_main([str(api), "--server", f"127.0.0.1:{server.server_port}", "--prompts", str(prompts),
+                        "--concurrency", "2", "--out", str(tmp_path / "out"), "--quiet"])  # fmt: skip
+    stop.set()
+    watcher.join()
+    assert code == 0 and len(state["queued"]) == 6 and max(seen) == 2, (code, max(seen))
+
+
+def test_a_lost_answer_never_queues_the_prompt_twice(tmp_path):
+    """The server queues the prompt but its answer comes after the client gave up: asked again, it says it has
+    that id, so the prompt is not sent a second time."""
+    state = stub_state(stall=1.0)
+    server = serve(state)
+    client = Client(f"127.0.0.1:{server.server_port}", retries=3, backoff=0.05, timeout=0.3)
+    prompt_id = client.queue(job_prompt(WORKFLOW, [], seed=1))
+    assert state["queued"] == [prompt_id] and state["posts"] == 1
+    server.shutdown()
+
+
+def test_a_prompt_deleted_from_the_queue_ends_with_an_error(stub, tmp_path):
+    server, state = stub
+    state["delay"] = 3600  # nothing finishes by itself
+    client = Client(f"127.0.0.1:{server.server_port}", retries=0, poll=0.05)  # no websocket
+    waiting, deleted = (client.queue(job_prompt(WORKFLOW, [], seed=s)) for s in (1, 2))
+    client.call("/queue", {"delete": [deleted]})
+    start = time.monotonic()
+    with pytest.raises(ServerError, match="no longer queued, running or in the server's history"):
+        client.wait(deleted, timeout=30)
+    assert time.monotonic() - start < 2
+    with pytest.raises(TimeoutError):  # a prompt still waiting its turn is not taken for gone
+        client.wait(waiting, timeout=0.5)
+    gone = job_prompt(WORKFLOW, [], seed=3)
+
+    def delete_once_queued():
+        while len(state["queued"]) < 3:
+            time.sleep(0.01)
+        client.call("/queue", {"delete": [state["queued"][2]]})
+
+    threading.Thread(target=delete_once_queued, daemon=True).start()
+    with open(tmp_path / "jobs.jsonl", "w") as log:
+        assert run_job(client, 0, gone, tmp_path, log, threading.Lock(), True) is False
+    record = json.loads((tmp_path / "jobs.jsonl").read_text())
+    assert record["error"]["error"]["type"] == "prompt_vanished" and record["prompt_id"] == state["queued"][2]
+
+
+def test_every_job_gets_a_log_line_and_its_images(stub, tmp_path):
     server, state = stub
     client = Client(f"127.0.0.1:{server.server_port}", token="secret", retries=0, poll=0.05)  # no websocket
     lock = threading.Lock()
     jobs = [job_prompt(WORKFLOW, [], prompt=f"prompt {i}", seed=100 + i) for i in range(6)]
     with open(tmp_path / "jobs.jsonl", "w") as log, ThreadPoolExecutor(2) as pool:
         done = list(pool.map(lambda j: run_job(client, j[0], j[1], tmp_path, log, lock, True), enumerate(jobs)))
-    assert done == [True] * 6 and state["most"] == 2 and state["auth"] == ["Bearer secret"] * 6
+    assert done == [True] * 6 and state["auth"] == ["Bearer secret"] * 6
     records = [json.loads(line) for line in (tmp_path / "jobs.jsonl").read_text().splitlines()]
     assert sorted(r["seed"] for r in records) == list(range(100, 106))
+    assert sorted(r["prompt_id"] for r in records) == sorted(state["queued"])  # the ids the client chose
     for r in records:
         assert r["error"] is None and r["prompt"].startswith("prompt ") and r["seconds"] >= 0.3
         assert Path(r["outputs"][0]).read_bytes() == PNG
@@ -138,22 +222,16 @@ def test_connection_errors_are_retried_with_backoff():
 
 
 def test_a_server_coming_up_late_is_reached_by_retrying(tmp_path):
-    state = {"lock": threading.Lock(), "auth": [], "posts": 0, "started": {}, "done": set(), "in_flight": 0,
-             "most": 0, "delay": 0}  # fmt: skip
-    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Stub,), {"state": state}))
-    port = server.server_address[1]
-    server.server_close()
-
-    def later():
-        time.sleep(0.4)
-        nonlocal server
-        server = ThreadingHTTPServer(("127.0.0.1", port), type("Handler", (Stub,), {"state": state}))
-        server.serve_forever()
-
-    threading.Thread(target=later, daemon=True).start()
+    state = stub_state(delay=0)
+    probe = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    port = probe.server_address[1]
+    probe.server_close()
+    started = []
+    threading.Timer(0.4, lambda: started.append(serve(state, port))).start()
     client = Client(f"127.0.0.1:{port}", retries=6, backoff=0.1)
-    assert client.queue(job_prompt(WORKFLOW, [], seed=1)) == "p1"
-    server.shutdown()
+    prompt_id = client.queue(job_prompt(WORKFLOW, [], seed=1))
+    assert state["queued"] == [prompt_id] and state["posts"] == 1
+    started[0].shutdown()
 
 
 def test_command_line_errors_exit_2_and_rejections_exit_1(stub, tmp_path):

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DONE = {"execution_success", "execution_error", "execution_interrupted"}
+TRANSIENT = (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError)  # no answer came
 TEXT_NODES = {"ZImageTextEncode": "text", "CLIPTextEncode": "text", "ZImageEditConditioning": "prompt"}
 SEED_INPUTS = ("seed", "noise_seed")
 
@@ -49,46 +50,91 @@ def describe_rejection(body: dict) -> str:
 class Client:
     """One ComfyUI server: HTTP calls with retries on connection errors, and a websocket reader of its events."""
 
-    def __init__(self, server: str, token: str | None = None, retries: int = 5, backoff: float = 1.0, poll=2.0):
+    def __init__(self, server: str, token: str | None = None, retries: int = 5, backoff: float = 1.0, poll=2.0,
+                 timeout: float = 60.0):  # fmt: skip
         self.base = server if "://" in server else f"http://{server}"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.retries, self.backoff, self.poll = retries, backoff, poll
+        self.retries, self.backoff, self.poll, self.timeout = retries, backoff, poll, timeout
         self.client_id = uuid.uuid4().hex
         self.events: dict[str, list[dict]] = {}
         self.changed = threading.Condition()
         self.closed = False
         self.reader: threading.Thread | None = None
 
-    def call(self, path: str, body: dict | None = None, raw: bool = False, raw_body: tuple | None = None):
+    def send(self, path: str, body: dict | None = None, raw: bool = False, raw_body: tuple | None = None):
+        """One request. The server's answers (4xx, 5xx) raise ServerError; no answer raises one of `TRANSIENT`."""
         data = None if body is None else json.dumps(body).encode()
         headers = {**self.headers, **({"Content-Type": "application/json"} if data else {})}
         if raw_body is not None:
             data, headers["Content-Type"] = raw_body
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.base + path, data=data, headers=headers)
+        request = urllib.request.Request(self.base + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
             try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    payload = response.read()
-                return payload if raw else json.loads(payload or b"null")
-            except urllib.error.HTTPError as e:  # the server answered: never retried
-                text = e.read().decode(errors="replace")
-                try:
-                    details = json.loads(text)
-                except json.JSONDecodeError:
-                    details = {"error": {"message": text.strip() or e.reason}}
-                message = describe_rejection(details) if isinstance(details, dict) else text
-                raise ServerError(f"{path}: HTTP {e.code}: {message}", details) from None
-            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, TimeoutError) as e:
+                details = json.loads(text)
+            except json.JSONDecodeError:
+                details = {"error": {"message": text.strip() or e.reason}}
+            message = describe_rejection(details) if isinstance(details, dict) else text
+            raise ServerError(f"{path}: HTTP {e.code}: {message}", details) from None
+        return payload if raw else json.loads(payload or b"null")
+
+    def pause(self, attempt: int):
+        time.sleep(min(self.backoff * 2**attempt, 30))
+
+    def call(self, path: str, body: dict | None = None, raw: bool = False, raw_body: tuple | None = None):
+        """A request sent again, with exponential back-off, when no answer came; the server's answers never are.
+        Only for requests that are safe to repeat: `queue` has its own rule."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self.send(path, body, raw, raw_body)
+            except TRANSIENT as e:
                 if attempt == self.retries:
                     raise ConnectionError(f"{self.base}{path}: {e} (after {self.retries} retries)") from None
-                time.sleep(min(self.backoff * 2**attempt, 30))
+                self.pause(attempt)
         raise AssertionError("unreachable")
 
+    def known(self, prompt_id: str) -> bool | None:
+        """Whether the server holds the prompt (queued, running or in its history); None when it cannot be asked."""
+        try:
+            queue = self.send("/queue")
+            if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+                return True
+            return bool(self.send(f"/history/{prompt_id}"))
+        except TRANSIENT:
+            return None
+
     def queue(self, prompt: dict) -> str:
-        answer = self.call("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        """Queue `prompt` under an id chosen here, so that a lost answer never makes a second job: after a failed
+        attempt the server is asked for that id (for up to one request timeout, in case it is still busy with the
+        first), and the prompt is sent again only once the server answers that it does not have it."""
+        prompt_id = str(uuid.uuid4())  # the canonical form: ComfyUI 0.33 refuses any other
+        body = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
+        answer = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.pause(attempt - 1)
+                deadline, held = time.monotonic() + self.timeout, self.known(prompt_id)
+                while held is None and time.monotonic() < deadline:
+                    self.pause(0)
+                    held = self.known(prompt_id)
+                if held:
+                    return prompt_id
+                if held is None:  # the server cannot be asked: sending again could queue the prompt twice
+                    continue
+            try:
+                answer = self.send("/prompt", body)
+                break
+            except TRANSIENT as e:
+                if attempt == self.retries:
+                    raise ConnectionError(f"{self.base}/prompt: {e} (after {self.retries} retries)") from None
+        if answer is None:
+            raise ConnectionError(f"{self.base}: could not learn whether prompt {prompt_id} was queued")
         if answer.get("node_errors"):  # queued, but some outputs failed validation and will not run
             raise ServerError(describe_rejection({"error": {"message": "prompt partly invalid"}, **answer}), answer)
-        return answer["prompt_id"]
+        return answer.get("prompt_id", prompt_id)
 
     def listen(self):
         """Start reading the websocket in the background (reconnecting with back-off)."""
@@ -145,8 +191,22 @@ class Client:
                     with self.changed:
                         self.events.pop(prompt_id, None)
                     return entry
+                if not entry and self.vanished(prompt_id):
+                    raise ServerError(
+                        f"prompt {prompt_id} is no longer queued, running or in the server's history: it was deleted "
+                        "from the queue, or the server restarted",
+                        {"error": {"type": "prompt_vanished", "message": "the prompt left the queue unfinished"}},
+                    )
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def vanished(self, prompt_id: str) -> bool:
+        """Neither queued, nor running, nor finished: asked in that order, so a prompt finishing in between is not
+        taken for gone (ComfyUI moves a finished prompt into its history and out of the queue in one step)."""
+        queue = self.call("/queue")
+        if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+            return False
+        return not self.call(f"/history/{prompt_id}")
 
     def upload(self, path: Path) -> str:
         """Send an image to the server's input folder (`/upload/image`); returns the name LoadImage knows it by."""
