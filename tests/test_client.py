@@ -1,5 +1,6 @@
-"""The `/prompt` client: overrides, and its protocol behaviour against a stand-in HTTP server (retries, back-off,
-auth, bounded concurrency, history fallback). Against real ComfyUI servers it runs in test_server.py."""
+"""The `/prompt` client: overrides, and its protocol behaviour against a stand-in HTTP server (retries that never
+queue a prompt twice, back-off, auth, bounded concurrency, history fallback, prompts that leave the queue). Against
+real ComfyUI servers it runs in test_server.py and test_server_client.py."""
 
 import json
 import subprocess
@@ -47,9 +48,10 @@ def test_overrides_reach_their_inputs_and_name_what_is_wrong():
 
 
 class Stub(BaseHTTPRequestHandler):
-    """A ComfyUI stand-in: /prompt queues under the client's id (400 for prompts whose seed is 13), a job finishes
-    `delay` s after it was queued, /queue lists the unfinished ones and deletes on request; with `stall` s the
-    answer to a /prompt comes that late (after the job was queued)."""
+    """A ComfyUI stand-in: /prompt queues under the client's id (400 for prompts whose seed is 13); like ComfyUI's
+    one worker, it runs the queued prompts one after another, `delay` s each; /queue lists the running and pending
+    ones and deletes on request, /history/ID has the finished ones. With `stall` s the answer to a /prompt comes
+    that late (after the prompt was queued); with `stall_queue` s, so does every answer to GET /queue."""
 
     state: dict
 
@@ -62,7 +64,10 @@ class Stub(BaseHTTPRequestHandler):
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting: the answer is lost
+            pass
 
     def do_POST(self):
         s = self.state
@@ -80,7 +85,8 @@ class Stub(BaseHTTPRequestHandler):
                 return self.reply(400, {"error": {"message": "Prompt outputs failed validation"},
                                         "node_errors": {"5": {"errors": [error], "class_type": "ZImageSampler"}}})  # fmt: skip
             prompt_id = body.get("prompt_id") or f"p{s['posts']}"
-            s["started"][prompt_id] = time.monotonic()
+            s["started"][prompt_id] = max(time.monotonic(), s["free"])  # when the worker gets to it
+            s["free"] = s["started"][prompt_id] + s["delay"]
             s["queued"].append(prompt_id)
         time.sleep(s.get("stall", 0))
         self.reply(200, {"prompt_id": prompt_id, "number": 0, "node_errors": {}})
@@ -94,10 +100,12 @@ class Stub(BaseHTTPRequestHandler):
         if self.path.startswith("/view"):
             return self.reply(200, PNG, "image/png")
         if self.path == "/queue":
+            time.sleep(s.get("stall_queue", 0))
             with s["lock"]:
-                held = [[0, i, {}, {}, []] for i in s["started"] if not self.finished(i)]
-                s["most"] = max(s["most"], len(held))
-            return self.reply(200, {"queue_running": held[:1], "queue_pending": held[1:]})
+                now, held = time.monotonic(), [(t, i) for i, t in s["started"].items() if not self.finished(i)]
+                running = [[0, i, {}, {}, []] for t, i in held if t <= now]
+                pending = [[0, i, {}, {}, []] for t, i in held if t > now]
+            return self.reply(200, {"queue_running": running, "queue_pending": pending})
         prompt_id = self.path.rsplit("/", 1)[1]
         with s["lock"]:
             if not self.finished(prompt_id):
@@ -108,7 +116,7 @@ class Stub(BaseHTTPRequestHandler):
 
 
 def stub_state(**extra) -> dict:
-    return {"lock": threading.Lock(), "auth": [], "posts": 0, "started": {}, "queued": [], "most": 0, "delay": 0.3,
+    return {"lock": threading.Lock(), "auth": [], "posts": 0, "started": {}, "queued": [], "free": 0.0, "delay": 0.3,
             **extra}  # fmt: skip
 
 
@@ -148,44 +156,87 @@ def test_concurrency_is_what_the_server_holds_at_most(stub, tmp_path):
                         "--concurrency", "2", "--out", str(tmp_path / "out"), "--quiet"])  # fmt: skip
     stop.set()
     watcher.join()
+    records = [json.loads(line) for line in (tmp_path / "out" / "jobs.jsonl").read_text().splitlines()]
     assert code == 0 and len(state["queued"]) == 6 and max(seen) == 2, (code, max(seen))
+    assert sorted(r["prompt_id"] for r in records if r["error"] is None) == sorted(state["queued"])
 
 
-def test_a_lost_answer_never_queues_the_prompt_twice(tmp_path):
-    """The server queues the prompt but its answer comes after the client gave up: asked again, it says it has
-    that id, so the prompt is not sent a second time."""
-    state = stub_state(stall=1.0)
+@pytest.mark.parametrize("delay", [3600, 0], ids=["still-queued", "already-finished"])
+def test_a_lost_answer_never_queues_the_prompt_twice(delay):
+    """The server queues the prompt but its answer comes after the client gave up: asked, it says it has that id
+    (in its queue, or already in its history), so the prompt is not sent a second time."""
+    state = stub_state(stall=1.0, delay=delay)
     server = serve(state)
     client = Client(f"127.0.0.1:{server.server_port}", retries=3, backoff=0.05, timeout=0.3)
+    start = time.monotonic()
     prompt_id = client.queue(job_prompt(WORKFLOW, [], seed=1))
-    assert state["queued"] == [prompt_id] and state["posts"] == 1
+    assert state["queued"] == [prompt_id] and state["posts"] == 1 and time.monotonic() - start < 1
+    server.shutdown()
+
+
+def test_a_server_that_cannot_be_asked_is_not_sent_the_prompt_again():
+    """The answer to the POST is lost and the server cannot say whether it has the prompt: the client gives up
+    with the prompt's id rather than risk a second job."""
+    state = stub_state(stall=1.0, stall_queue=1.0, delay=3600)
+    server = serve(state)
+    client = Client(f"127.0.0.1:{server.server_port}", retries=2, backoff=0.05, timeout=0.3)
+    with pytest.raises(ConnectionError, match="may have been queued: the server could not be asked") as e:
+        client.queue(job_prompt(WORKFLOW, [], seed=1))
+    assert state["posts"] == 1 and state["queued"][0] in str(e.value)
     server.shutdown()
 
 
 def test_a_prompt_deleted_from_the_queue_ends_with_an_error(stub, tmp_path):
     server, state = stub
-    state["delay"] = 3600  # nothing finishes by itself
+    state["delay"] = 3600  # nothing finishes by itself: one prompt runs, the others wait their turn
     client = Client(f"127.0.0.1:{server.server_port}", retries=0, poll=0.05)  # no websocket
-    waiting, deleted = (client.queue(job_prompt(WORKFLOW, [], seed=s)) for s in (1, 2))
+    _, pending, deleted = (client.queue(job_prompt(WORKFLOW, [], seed=s)) for s in (1, 2, 3))
     client.call("/queue", {"delete": [deleted]})
     start = time.monotonic()
     with pytest.raises(ServerError, match="no longer queued, running or in the server's history"):
         client.wait(deleted, timeout=30)
     assert time.monotonic() - start < 2
     with pytest.raises(TimeoutError):  # a prompt still waiting its turn is not taken for gone
-        client.wait(waiting, timeout=0.5)
-    gone = job_prompt(WORKFLOW, [], seed=3)
+        client.wait(pending, timeout=0.5)
 
     def delete_once_queued():
-        while len(state["queued"]) < 3:
+        while len(state["queued"]) < 4:
             time.sleep(0.01)
-        client.call("/queue", {"delete": [state["queued"][2]]})
+        client.call("/queue", {"delete": [state["queued"][3]]})
 
     threading.Thread(target=delete_once_queued, daemon=True).start()
     with open(tmp_path / "jobs.jsonl", "w") as log:
-        assert run_job(client, 0, gone, tmp_path, log, threading.Lock(), True) is False
+        assert run_job(client, 0, job_prompt(WORKFLOW, [], seed=4), tmp_path, log, threading.Lock(), True) is False
     record = json.loads((tmp_path / "jobs.jsonl").read_text())
-    assert record["error"]["error"]["type"] == "prompt_vanished" and record["prompt_id"] == state["queued"][2]
+    assert record["error"]["error"]["type"] == "prompt_vanished" and record["prompt_id"] == state["queued"][3]
+    assert "no longer queued" in record["error"]["message"]
+
+
+def test_a_prompt_pending_behind_slow_ones_is_followed_to_its_end(stub):
+    """Pending, then running, then finished: the client checks the queue at every empty poll and never mistakes a
+    prompt waiting its turn for a vanished one."""
+    server, state = stub
+    state["delay"] = 0.4
+    client = Client(f"127.0.0.1:{server.server_port}", retries=0, poll=0.05)  # no websocket
+    *_, last = (client.queue(job_prompt(WORKFLOW, [], seed=s)) for s in (1, 2, 3))
+    start = time.monotonic()
+    entry = client.wait(last, timeout=10)
+    assert entry["status"]["status_str"] == "success" and time.monotonic() - start >= 0.8
+
+
+def test_a_prompt_finishing_between_the_two_questions_is_not_taken_for_gone():
+    """No history entry yet, then gone from the queue: it has just finished, and the history asked again has it."""
+    entry = {"status": {"status_str": "success"}, "outputs": {}}
+    answers = {"/history/p": [{}, {"p": entry}, {"p": entry}], "/queue": [{"queue_running": [], "queue_pending": []}]}
+    asked = []
+
+    class Scripted(Client):
+        def send(self, path, body=None, raw=False, raw_body=None):
+            asked.append(path)
+            return answers[path].pop(0)
+
+    assert Scripted("127.0.0.1:9", retries=0, poll=0.01).wait("p", timeout=5) == entry
+    assert asked == ["/history/p", "/queue", "/history/p", "/history/p"]
 
 
 def test_every_job_gets_a_log_line_and_its_images(stub, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import threading
 import time
 
 import numpy as np
@@ -247,42 +246,6 @@ def test_the_client_runs_a_prompt_file_against_the_server(server, tmp_path):
     for r in records:
         assert r["error"] is None and r["size"] == [256, 256] and r["prompt_id"]
         assert np.asarray(Image.open(r["outputs"][0])).shape == (256, 256, 3)
-
-
-def test_concurrency_is_what_the_server_holds_at_most(server, tmp_path):
-    """`--concurrency 2`, six jobs: watched from outside, the server's queue never holds more than two of them."""
-    api = next(api for ui, api in shipped() if ui.stem == "zimage_turbo_text_to_image")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"a lighthouse, take {i}\n" for i in range(6)))
-    seen, stop = [], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            queue = server.get("/queue")
-            seen.append(len(queue["queue_running"]) + len(queue["queue_pending"]))
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    code = client_main([str(api), "--server", server.url, "--prompts", str(prompts), "--seed", "9", "--size", "64x64",
-                        "--set", "5.steps=3", "--concurrency", "2", "--out", str(tmp_path / "out"), "--quiet"])  # fmt: skip
-    stop.set()
-    watcher.join()
-    assert code == 0 and max(seen) == 2, (code, max(seen))
-
-
-def test_a_prompt_deleted_from_the_queue_ends_with_an_error_not_a_wait(server, client):
-    slow = small(workflow("zimage_turbo_text_to_image"), steps=1000, seed=51)
-    slow["5"]["inputs"].update(width=1024, height=1024)
-    running = client.queue(slow)
-    waiting = client.queue(small(workflow("zimage_turbo_text_to_image"), seed=52))
-    client.call("/queue", {"delete": [waiting]})
-    start = time.monotonic()
-    with pytest.raises(ServerError, match="no longer queued, running or in the server's history"):
-        client.wait(waiting, timeout=60)
-    assert time.monotonic() - start < 10
-    client.call("/interrupt", {})
-    assert failure(client.wait(running, timeout=120))["type"] == "execution_interrupted"
 
 
 def test_the_template_browser_lists_and_serves_the_ui_workflows(server):

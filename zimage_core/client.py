@@ -3,7 +3,9 @@
 Standard library plus `websocket-client` (`pip install websocket-client`); no torch. One job per prompt line
 (or one job), at most `--concurrency` in flight, progress followed over the websocket (with `/history` polled as
 a safety net), images saved, a JSON-lines log of every job, and a non-zero exit with the server's error when a
-prompt is rejected or fails. Only connection errors are retried, with exponential back-off.
+prompt is rejected, fails or leaves the queue unfinished. Only requests that got no answer are retried, with
+exponential back-off; a prompt is queued under an id chosen here, and the server is asked for that id before a
+prompt is sent again, so a lost answer never queues a job twice.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def describe_rejection(body: dict) -> str:
         for e in err.get("errors", []):
             lines.append(f"node {node} ({err.get('class_type')}): {e.get('message')}: {e.get('details')}")
     return "; ".join(lines)
+
+
+def in_queue(queue: dict, prompt_id: str) -> bool:
+    """Whether a `/queue` answer holds the prompt, running or pending (an item's second field is its id)."""
+    return any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key) or [])
 
 
 class Client:
@@ -100,41 +107,41 @@ class Client:
         """Whether the server holds the prompt (queued, running or in its history); None when it cannot be asked."""
         try:
             queue = self.send("/queue")
-            if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+            if in_queue(queue, prompt_id):
                 return True
             return bool(self.send(f"/history/{prompt_id}"))
         except TRANSIENT:
             return None
 
     def queue(self, prompt: dict) -> str:
-        """Queue `prompt` under an id chosen here, so that a lost answer never makes a second job: after a failed
-        attempt the server is asked for that id (for up to one request timeout, in case it is still busy with the
-        first), and the prompt is sent again only once the server answers that it does not have it."""
+        """Queue `prompt` under an id chosen here, so that a lost answer never makes a second job: after a POST that
+        got no answer, the server is asked for that id (`known`) before anything is sent again, and the prompt is
+        sent again only when the server answers that it does not have it. Each question or POST after the first
+        takes one of `retries`, with the back-off of `call`."""
         prompt_id = str(uuid.uuid4())  # the canonical form: ComfyUI 0.33 refuses any other
         body = {"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id}
-        answer = None
+        held, error = False, None  # held: the last answer of `known`; not None here after a POST that got no answer
         for attempt in range(self.retries + 1):
             if attempt:
                 self.pause(attempt - 1)
-                deadline, held = time.monotonic() + self.timeout, self.known(prompt_id)
-                while held is None and time.monotonic() < deadline:
-                    self.pause(0)
-                    held = self.known(prompt_id)
+                held = self.known(prompt_id)
                 if held:
                     return prompt_id
                 if held is None:  # the server cannot be asked: sending again could queue the prompt twice
                     continue
             try:
                 answer = self.send("/prompt", body)
-                break
             except TRANSIENT as e:
-                if attempt == self.retries:
-                    raise ConnectionError(f"{self.base}/prompt: {e} (after {self.retries} retries)") from None
-        if answer is None:
-            raise ConnectionError(f"{self.base}: could not learn whether prompt {prompt_id} was queued")
-        if answer.get("node_errors"):  # queued, but some outputs failed validation and will not run
-            raise ServerError(describe_rejection({"error": {"message": "prompt partly invalid"}, **answer}), answer)
-        return answer.get("prompt_id", prompt_id)
+                error = e
+                continue
+            if answer.get("node_errors"):  # queued, but some outputs failed validation and will not run
+                raise ServerError(describe_rejection({"error": {"message": "prompt partly invalid"}, **answer}), answer)
+            return answer.get("prompt_id", prompt_id)
+        held = None if held is None else self.known(prompt_id)  # the last POST got no answer: did it arrive?
+        if held:
+            return prompt_id
+        fate = "was not queued" if held is False else "may have been queued: the server could not be asked"
+        raise ConnectionError(f"{self.base}/prompt: {error} (after {self.retries} retries); prompt {prompt_id} {fate}")
 
     def listen(self):
         """Start reading the websocket in the background (reconnecting with back-off)."""
@@ -173,18 +180,20 @@ class Client:
     def wait(self, prompt_id: str, on_event=None, timeout: float | None = None) -> dict:
         """Follow one prompt to its end; returns its `/history` entry. `on_event(message)` sees each event.
 
-        `/history` is asked every `poll` seconds too, so a missed websocket message never hangs a job."""
-        seen, start, last_poll, poll = 0, time.monotonic(), 0.0, self.poll
+        `/history` is asked every `poll` seconds too, so a missed websocket message (or no websocket) never hangs a
+        job; a prompt that is in neither the history nor the queue raises ServerError rather than being waited for.
+        """
+        seen, start, last_poll, pause, settle = 0, time.monotonic(), 0.0, self.poll, 0.05
         while True:
             with self.changed:
-                self.changed.wait_for(lambda n=seen: len(self.events.get(prompt_id, [])) > n, timeout=poll)
+                self.changed.wait_for(lambda n=seen: len(self.events.get(prompt_id, [])) > n, timeout=pause)
                 events = list(self.events.get(prompt_id, []))
             for message in events[seen:]:
                 if on_event is not None:
                     on_event(message)
             seen = len(events)
             finished = any(m["type"] in DONE for m in events)
-            if finished or time.monotonic() - last_poll >= poll:  # the history is the record, events are news
+            if finished or time.monotonic() - last_poll >= self.poll:  # the history is the record, events are news
                 last_poll = time.monotonic()
                 entry = self.call(f"/history/{prompt_id}").get(prompt_id)
                 if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
@@ -197,6 +206,8 @@ class Client:
                         "from the queue, or the server restarted",
                         {"error": {"type": "prompt_vanished", "message": "the prompt left the queue unfinished"}},
                     )
+                if finished:  # ComfyUI announces the end a moment before it files the entry: ask again soon
+                    pause, settle = min(settle, self.poll), settle * 2
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
@@ -204,7 +215,7 @@ class Client:
         """Neither queued, nor running, nor finished: asked in that order, so a prompt finishing in between is not
         taken for gone (ComfyUI moves a finished prompt into its history and out of the queue in one step)."""
         queue = self.call("/queue")
-        if any(item[1] == prompt_id for key in ("queue_running", "queue_pending") for item in queue.get(key, [])):
+        if in_queue(queue, prompt_id):
             return False
         return not self.call(f"/history/{prompt_id}")
 
