@@ -4,6 +4,7 @@ import comfy.model_management as mm
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..zimage_core import limits
 from ..zimage_core.edit import (
     EditConditioning,
     encode_prompts,
@@ -38,8 +39,8 @@ class ZImageEditConditioning(io.ComfyNode):
                 io.Int.Input(
                     "max_length",
                     default=MAX_LENGTH,
-                    min=0,
-                    max=65536,
+                    min=limits.MAX_LENGTH.low,
+                    max=limits.MAX_LENGTH.high,
                     tooltip="Tokens kept per template piece: 512 as the reference; 0 keeps all.",
                 ),
                 io.Image.Input("image_2", optional=True, tooltip="A second reference image (optional)."),

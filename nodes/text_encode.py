@@ -3,6 +3,7 @@
 import comfy.model_management as mm
 from comfy_api.v0_0_2 import io
 
+from ..zimage_core import limits
 from ..zimage_core.text_encoder import MAX_LENGTH
 from .loaders import ZImageTextEncoder, ready
 
@@ -24,8 +25,8 @@ class ZImageTextEncode(io.ComfyNode):
                 io.Int.Input(
                     "max_length",
                     default=MAX_LENGTH,
-                    min=0,
-                    max=65536,
+                    min=limits.MAX_LENGTH.low,
+                    max=limits.MAX_LENGTH.high,
                     tooltip="Tokens kept, chat template included: 512 as the official pipelines; "
                     "0 keeps all (ComfyUI's native encoder). Cut prompts are logged.",
                 ),
