@@ -454,28 +454,29 @@ def test_a_soak_of_200_prompts_leaks_neither_memory_nor_files(server, client, ba
     for job in jobs[:20]:
         executed(client, job)
     first, _ = executed(client, probe)
-    rss0, files0 = rss_and_files(server)
-    peak = rss0
-    for start in range(20, len(jobs), 20):  # queued 20 at a time: the server never idles between them
-        ids = [client.queue(job) for job in jobs[start : start + 20]]
+    idle = [rss_and_files(server)]  # (RSS, open files) each time the queue has run dry
+    for start in range(20, len(jobs), 10):  # queued 10 at a time: the server never idles between them
+        ids = [client.queue(job) for job in jobs[start : start + 10]]
         for prompt_id in ids:
             assert failure(client.wait(prompt_id, timeout=300)) is None
-        peak = max(peak, rss_and_files(server)[0])
+        idle.append(rss_and_files(server))
     last, cached = executed(client, probe)
-    rss1, files1 = rss_and_files(server)
-    peak = max(peak, rss1)
+    idle.append(rss_and_files(server))
     assert "5" not in cached  # the sampler ran again: the same seed gives the same image at the start and the end
     assert np.array_equal(
         image_of(server, Outcome("success", entry=first)), image_of(server, Outcome("success", entry=last))
     )
-    growth = (rss1 - rss0) / rss0
-    assert growth <= 0.03, (
-        f"RSS grew {growth:.1%} ({rss0 / 1e6:.0f} -> {rss1 / 1e6:.0f} MB) over {len(jobs) - 20} prompts"
-    )
+    # Idle RSS moves by a few percent either way as the allocator keeps or returns freed memory; leaked memory can
+    # never be returned, so a leak shows as a rising floor: the lowest of the first readings against the last ones.
+    rss = [r for r, _ in idle]
+    before, after = min(rss[:4]), min(rss[-4:])
+    growth = (after - before) / before
+    assert growth <= 0.03, f"idle RSS floor grew {growth:.1%} ({before / 1e6:.0f} -> {after / 1e6:.0f} MB): {rss}"
+    files0, files1 = idle[0][1], idle[-1][1]
     assert files1 <= files0 + 2, f"open files {files0} -> {files1}"
     REPORT.setdefault(server.version, {})["soak"] = (
-        f"{len(jobs) + 2} prompts, RSS after warm-up {rss0 / 1e6:.0f} MB -> {rss1 / 1e6:.0f} MB ({growth:+.2%}), "
-        f"peak {peak / 1e6:.0f} MB, open files {files0} -> {files1}")  # fmt: skip
+        f"{len(jobs) + 2} prompts, idle RSS floor after warm-up {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB "
+        f"({growth:+.2%}; readings {min(rss) / 1e6:.0f}-{max(rss) / 1e6:.0f} MB), open files {files0} -> {files1}")  # fmt: skip
 
 
 # ---- interrupts ----
