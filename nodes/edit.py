@@ -16,7 +16,7 @@ from ..zimage_core.edit import (
 from ..zimage_core.sampling import PATCH
 from ..zimage_core.text_encoder import MAX_LENGTH
 from .loaders import ZImageSigLIP, ZImageTextEncoder, ZImageVAE, expect, ready
-from .text_encode import ZImageConditioning
+from .text_encode import to_conditioning
 
 
 class ZImageEditConditioning(io.ComfyNode):
@@ -47,8 +47,8 @@ class ZImageEditConditioning(io.ComfyNode):
                 io.Image.Input("image_3", optional=True, tooltip="A third reference image (optional)."),
             ],
             outputs=[
-                ZImageConditioning.Output(display_name="positive"),
-                ZImageConditioning.Output(display_name="negative"),
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
             ],
         )
 
@@ -65,4 +65,4 @@ class ZImageEditConditioning(io.ComfyNode):
         encoder = ready(text_encoder, "text_encoder")
         texts = [encode_prompts(encoder, [p], len(pictures), max_length or None) for p in (prompt, negative)]
         texts = [t._replace(features=t.features.to(mm.intermediate_device())) for t in texts]
-        return io.NodeOutput(*(EditConditioning(t, refs, features) for t in texts))
+        return io.NodeOutput(*(to_conditioning(t, EditConditioning(t, refs, features)) for t in texts))

@@ -6,12 +6,11 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, resolve, stamp
+from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, resolve, stamp, transformer_facts
 from ..zimage_core.text_encoder import TextEncoder
-from ..zimage_core.transformer import ZImageTransformer
 from ..zimage_core.vae import VAE
+from .model import Direct, HostTransformer, load_model
 
-ZImageModel = io.Custom("ZIMAGE_MODEL")
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
 ZImageVAE = io.Custom("ZIMAGE_VAE")
 ZImageSigLIP = io.Custom("ZIMAGE_SIGLIP")
@@ -38,12 +37,12 @@ class VisionEncoder(torch.nn.Module):
 
 
 KINDS = {  # input name -> (what it is, the node that makes it)
-    "model": ("Z-Image transformer", "Z-Image Transformer Loader"),
+    "model": ("Z-Image MODEL", "Z-Image Transformer Loader"),
     "text_encoder": ("Z-Image text encoder", "Z-Image Text Encoder Loader"),
     "vae": ("Z-Image VAE", "Z-Image VAE Loader"),
     "siglip": ("SigLIP2 vision encoder", "Z-Image SigLIP2 Loader"),
 }
-MODULES = {"model": ZImageTransformer, "text_encoder": TextEncoder, "vae": VAE, "siglip": VisionEncoder}
+MODULES = {"text_encoder": TextEncoder, "vae": VAE, "siglip": VisionEncoder}
 
 
 def check_choices(*checks: tuple[str, str, list]) -> str | bool:
@@ -66,8 +65,27 @@ def expect(name: str, value, types, what: str):
     return value
 
 
-def ready(patcher, name: str):
-    """The model behind input `name` on its device, after ComfyUI made room for it (others may be offloaded)."""
+def transformer_of(patcher, name: str = "model") -> HostTransformer:
+    """Our transformer inside a MODEL, or an error naming the input (a native model belongs to KSampler)."""
+    kind, loader = KINDS["model"]
+    expect(name, patcher, comfy.model_patcher.ModelPatcher, f"a {kind} from {loader}")
+    inner = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if not isinstance(inner, HostTransformer):
+        why = f"this MODEL is not from {loader} ({type(inner).__name__}); sample native models with KSampler"
+        raise ValueError(f"{name}: {why}")  # noqa: TRY004 (ComfyUI reports bad inputs as ValueError)
+    return inner
+
+
+def ready(patcher, name: str, memory: tuple[int, int] | None = None):
+    """The model behind input `name` on its device, after ComfyUI made room for it (others may be offloaded).
+
+    The MODEL may be loaded partially, `memory` (wanted, minimum) bytes kept free for activations; its weights
+    then stream in per layer. The other models are small enough to load whole."""
+    if name == "model":
+        transformer = transformer_of(patcher, name)
+        wanted, minimum = memory or (0, None)
+        mm.load_models_gpu([patcher], memory_required=wanted, minimum_memory_required=minimum)
+        return Direct(transformer)
     kind, loader = KINDS[name]
     expect(name, patcher, comfy.model_patcher.ModelPatcher, f"a {kind} from {loader}")
     expect(name, patcher.model, MODULES[name], f"a {kind} from {loader}")
@@ -79,6 +97,13 @@ def load(component: str, folder: str, name: str, weight_dtype: str, device: str)
     path = resolve(folder_paths.get_folder_paths(folder), component, name)
     cpu = torch.device("cpu")
     load_device, offload_device = (cpu, cpu) if device == "cpu" else (f() for f in DEVICES[component])
+    if component == "transformer":
+        option = DTYPES.get(weight_dtype) or WEIGHT_DTYPES.get(weight_dtype)
+        if option == torch.float16 and not transformer_facts(path).fp16_ok:
+            raise ValueError(f"weight_dtype: {name} overflows fp16 (its FFN norms fail ComfyUI's fp16 test, as "
+                             "Base's do): choose default, bf16 or fp32")  # fmt: skip
+        return CACHE.get(component, path, (weight_dtype, device),
+                         lambda: load_model(path, option, load_device, offload_device))  # fmt: skip
     if weight_dtype in DTYPES:
         dtype = DTYPES[weight_dtype]
     elif component == "vae":
@@ -118,8 +143,9 @@ def loader(node_id, title, component, folder, output, dtypes, description):
                         "weight_dtype",
                         options=dtypes,
                         default="default",
-                        tooltip="default: bf16 where the device supports it (the VAE: fp32); "
-                        "fp8 holds the weights in 8 bits and computes in the default dtype.",
+                        tooltip="default: as ComfyUI picks for its own models (the transformer follows its "
+                        "--bf16-unet, --fp16-unet, ... flags; the VAE: fp32); fp8 holds the weights in 8 bits; "
+                        "fp16 only for weights that tolerate it (Turbo, not Base).",
                     ),
                     io.Combo.Input(
                         "device",
@@ -157,7 +183,7 @@ def loader(node_id, title, component, folder, output, dtypes, description):
 
 MODEL_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
 ZImageTransformerLoader = loader(
-    "ZImageTransformerLoader", "Z-Image Transformer Loader", "transformer", "diffusion_models", ZImageModel,
+    "ZImageTransformerLoader", "Z-Image Transformer Loader", "transformer", "diffusion_models", io.Model,
     MODEL_DTYPES, "Loads a Z-Image transformer (Turbo, Base, Omni/Edit): z_image_turbo_bf16.safetensors, fp8 files, "
     "or a diffusers transformer/ or pipeline folder.",
 )  # fmt: skip

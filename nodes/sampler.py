@@ -9,10 +9,10 @@ from comfy_api.v0_0_2 import io
 
 from ..zimage_core import limits, sampling
 from ..zimage_core.edit import EditConditioning, EditModel
-from ..zimage_core.text_encoder import Embeddings
 from ..zimage_core.vae import VAEConfig
-from .loaders import ZImageModel, expect, ready
-from .text_encode import ZImageConditioning
+from .loaders import expect, ready, transformer_of
+from .model import memory_required
+from .text_encode import from_conditioning
 
 FLUX = VAEConfig()  # the released VAE's latent scale and shift, as ComfyUI's Flux latent format
 NOT_OMNI = "edit conditioning needs an Omni/Edit transformer (this one has no SigLIP weights); with Turbo or Base, " \
@@ -31,9 +31,13 @@ class ZImageSampler(io.ComfyNode):
             description="Text-to-image, img2img (a latent and denoise below 1) and inpaint (a mask). Defaults are "
             "Turbo's: 8 steps, CFG off. Base: about 30-50 steps, CFG 3-5, a negative prompt.",
             inputs=[
-                ZImageModel.Input("model", tooltip="From Z-Image Transformer Loader."),
-                ZImageConditioning.Input("positive", tooltip="The prompt, from Z-Image Text Encode."),
-                ZImageConditioning.Input(
+                io.Model.Input("model", tooltip="From Z-Image Transformer Loader (LoRA loaders may sit between)."),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="The prompt: Z-Image Text Encode, Edit Conditioning, or CLIPTextEncode "
+                    "with a lumina2 CLIP (qwen_3_4b).",
+                ),
+                io.Conditioning.Input(
                     "negative", optional=True, tooltip="The negative prompt; used only when cfg > 1 (needed then)."
                 ),
                 io.Latent.Input(
@@ -130,32 +134,34 @@ class ZImageSampler(io.ComfyNode):
         limits.settings(steps, cfg, denoise, shift, variety, sampling.VARIETY_STEPS)  # before any model moves
         if cfg > 1 and negative is None:
             raise ValueError("cfg > 1 needs a negative prompt: connect a Z-Image Text Encode (an empty text is fine)")
-        conditioning = (Embeddings, EditConditioning)
-        expect("positive", positive, conditioning, "conditioning from Z-Image Text Encode or Edit Conditioning")
+        inner = transformer_of(model)
+        positive = from_conditioning("positive", positive, inner.cfg.cap_feat_dim)
         if negative is not None:
-            expect("negative", negative, conditioning, "conditioning from Z-Image Text Encode or Edit Conditioning")
+            negative = from_conditioning("negative", negative, inner.cfg.cap_feat_dim)
         if latent is not None:
             expect("latent", latent, dict, "a LATENT")
             expect("latent", latent.get("samples"), torch.Tensor, "a LATENT holding samples")
             mask = latent.get("noise_mask") if mask is None else mask
         if mask is not None:
             expect("mask", mask, torch.Tensor, "a MASK")
-        transformer = ready(model, "model")
-        edit, omni = isinstance(positive, EditConditioning), transformer.cfg.siglip_feat_dim is not None
+        edit, omni = isinstance(positive, EditConditioning), inner.cfg.siglip_feat_dim is not None
         if edit != omni:
             raise ValueError(NOT_OMNI if edit else NOT_EDIT)
         if edit and negative is not None and not isinstance(negative, EditConditioning):
             raise ValueError("with edit conditioning, the negative must be the Z-Image Edit Conditioning's too")
         clean = None if latent is None else latent["samples"]
         if clean is not None:
-            limits.latents("latent", clean, transformer.cfg.in_channels)
+            limits.latents("latent", clean, inner.cfg.in_channels)
             clean = FLUX.normalize(clean.float())
         seeds = limits.seeds(seed, batch_size if clean is None else clean.shape[0])
         if clean is None and not edit:
-            limits.size(width, height, sampling.FACTOR * transformer.cfg.patch_size)
-        shape = (transformer.cfg.in_channels, height // sampling.FACTOR, width // sampling.FACTOR)
+            limits.size(width, height, sampling.FACTOR * inner.cfg.patch_size)
+        shape = (inner.cfg.in_channels, height // sampling.FACTOR, width // sampling.FACTOR)
         if edit:  # the output takes the last reference's size unless a latent says otherwise
-            shape = (transformer.cfg.in_channels, *positive.refs[-1].shape[2:])
+            shape = (inner.cfg.in_channels, *positive.refs[-1].shape[2:])
+        size = shape if clean is None else clean.shape[1:]
+        transformer = ready(model, "model", memory_required(model, (len(seeds), *size)))
+        if edit:
             transformer = EditModel(transformer, positive.refs, positive.siglip)
             positive, negative = positive.text, negative.text if negative is not None else None
         progress = comfy.utils.ProgressBar(steps)

@@ -37,10 +37,11 @@ MODEL_FILES = {
     "text_encoders": ["qwen_3_4b.safetensors"],
     "vae": ["ae.safetensors"],
     "clip_vision": ["siglip2_so400m_patch16_naflex.safetensors"],
+    "loras": ["zimage_lora.safetensors"],
 }
 SOURCES = {  # which written model each released name gets
     "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
-    "vae": "vae", "clip_vision": "siglip",
+    "vae": "vae", "clip_vision": "siglip", "loras": "lora",
 }  # fmt: skip
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
 REPORT: dict[str, dict[str, str]] = {}  # version -> what the hardening tests measured, printed at the end
@@ -133,6 +134,20 @@ def write_models(folder: Path):
                                                     num_attention_heads=1, patch_size=16, num_patches=64))  # fmt: skip
     save_file({f"vision_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in
                randomize_(siglip, seed=4).state_dict().items()}, folder / "siglip.safetensors")  # fmt: skip
+    save_file(lora_for(transformer), folder / "lora.safetensors")
+
+
+def lora_for(transformer: dict, rank: int = 4) -> dict:
+    """A random LoRA in kohya's names on ComfyUI's keys (`lora_up`/`lora_down`/`alpha`) for every block's fused
+    qkv and first FFN projection: what ComfyUI's LoraLoaderModelOnly maps onto a Z-Image MODEL."""
+    generator, lora = torch.Generator().manual_seed(9), {}
+    for key, weight in transformer.items():
+        if key.endswith(("attention.qkv.weight", "feed_forward.w1.weight")):
+            name = "diffusion_model." + key.removesuffix(".weight")
+            lora[name + ".lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=generator) * 0.1
+            lora[name + ".lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator) * 0.1
+            lora[name + ".alpha"] = torch.tensor(float(rank))
+    return lora
 
 
 def write_images(folder: Path):

@@ -30,7 +30,7 @@ from helpers import (
 
 from zimage_core.checkpoint import CheckpointError
 from zimage_core.loaders import load_transformer
-from zimage_core.transformer import Linear
+from zimage_core.ops import Linear
 
 ROOT = Path(__file__).parents[1]
 

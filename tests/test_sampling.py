@@ -160,7 +160,7 @@ class Spy:
 
     def __init__(self, model, refuse_batch: int | None = None):
         self.model, self.refuse_batch, self.captions = model, refuse_batch, []
-        self.x_embedder, self.dtype = model.x_embedder, model.dtype
+        self.cfg, self.device, self.dtype = model.cfg, model.device, model.dtype
 
     def __call__(self, x, t, captions, lengths):
         if x.shape[0] == self.refuse_batch:

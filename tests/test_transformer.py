@@ -98,3 +98,49 @@ def test_bf16_error_no_larger_than_diffusers_bf16(small_ref, small_folder):
     assert ours.dtype == torch.bfloat16
     for metric in (rel_err, lambda a, b: ((a.float() - b).norm() / b.norm()).item()):
         assert metric(ours, exact) <= metric(theirs, exact)
+
+
+def test_fp16_overflow_is_clamped_where_comfyui_clamps_it(small_folder, monkeypatch):
+    """An attention output channel beyond fp16's range (as Base's activations get): with ComfyUI's clamp the fp16
+    model stays finite and near fp32; without it the overflow becomes NaN."""
+    from zimage_core import transformer
+
+    latents, t, padded, _ = make_inputs(SMALL, (16, 16), [20], seed=3)
+    models = {dtype: load_transformer(small_folder, dtype=dtype) for dtype in (torch.float32, torch.float16)}
+    seen = []
+    hook = models[torch.float32].layers[0].attention.out.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        models[torch.float32](latents, t, padded)
+    hook.remove()
+    widest = int(seen[0].abs().amax((0, 1)).argmax())  # one product per output: no fp16 accumulation in the way
+    for model in models.values():
+        model.layers[0].attention.out.weight.data[5] = 0
+        model.layers[0].attention.out.weight.data[5, widest] = 60000.0  # representable; some outputs overflow
+    with torch.no_grad():
+        exact = models[torch.float32](latents, t, padded)
+        clamped = models[torch.float16](latents.half(), t, padded.half()).float()
+        monkeypatch.setattr(transformer, "clamp_fp16", lambda x: x)
+        unclamped = models[torch.float16](latents.half(), t, padded.half()).float()
+    assert exact.abs().max() < 1e4  # the outlier is normalized away in fp32: only fp16's range is the problem
+    assert not unclamped.isfinite().all()
+    assert clamped.isfinite().all() and rel_err(clamped, exact) <= 0.02, rel_err(clamped, exact)
+
+
+@pytest.mark.parametrize("std, ok", [(0.1, True), (0.5, False)])
+def test_fp16_is_offered_only_for_weights_that_pass_comfyuis_test(tmp_path, std, ok):
+    """ComfyUI 0.33.0 (`model_detection.py`) allows fp16 when the second-to-last block's ffn_norm1 weight has a
+    population std below 0.42 (Turbo's does, Base's does not)."""
+    from helpers import to_comfy
+    from safetensors.torch import save_file
+
+    from zimage_core.loaders import transformer_facts
+
+    sd = to_comfy(reference_transformer(SMALL, seed=0).state_dict())
+    norm = f"layers.{SMALL['n_layers'] - 2}.ffn_norm1.weight"
+    sd[norm] = 1 + std * torch.linspace(-1, 1, sd[norm].numel()) / torch.linspace(-1, 1, sd[norm].numel()).std(
+        unbiased=False
+    )
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "t.safetensors")
+    facts = transformer_facts(tmp_path / "t.safetensors")
+    assert facts.fp16_ok is ok and facts.file_dtype == torch.float32
+    assert facts.parameters == sum(v.numel() for v in sd.values())

@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .transformer import Linear
-
 
 class CheckpointError(Exception):
     """A file or folder that cannot be loaded; the message names it and says what to do."""
@@ -324,8 +322,9 @@ def squeezed(shape) -> tuple[int, ...]:
 def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtype=None, expected_as=""):
     """Replace every meta parameter by real memory on `device` holding the checkpoint's values.
 
-    Linear weights stored in fp8 stay fp8 (with their scale); with `weight_dtype` fp8, other Linear weights are
-    cast to it; everything else becomes `dtype`. Sources listed together are stacked along dim 0.
+    Linear weights stored in fp8 stay fp8; their scale is kept for a Linear that applies it per call (ours,
+    `ops.Linear`), else applied here. With `weight_dtype` fp8, other Linear weights are cast to it; everything
+    else becomes `dtype`. Sources listed together are stacked along dim 0.
     """
     scales = quant_scales(ckpt)
     expected = dict(model.named_parameters())
@@ -351,7 +350,7 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         owner, leaf = name.rpartition(".")[::2]
         module = modules[owner]
         srcs = sources[name]
-        is_linear_weight = isinstance(module, Linear) and leaf == "weight"
+        is_linear_weight = isinstance(module, nn.Linear) and leaf == "weight"
         src_dtypes = {ckpt.dtype(s) for s in srcs}
         if is_linear_weight and len(src_dtypes) == 1 and src_dtypes <= set(FP8):
             held = src_dtypes.pop()
@@ -359,6 +358,8 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
             held = weight_dtype
         else:
             held = dtype
+        if held in FP8 and any(s in scales for s in srcs) and not hasattr(module, "weight_scale"):
+            held = dtype  # a host Linear: it knows no per-row scale, so the weight is held dequantized
         out = torch.empty(p.shape, dtype=held, device=device)
         row_scale = torch.ones(p.shape[0], 1) if held in FP8 and any(s in scales for s in srcs) else None
         row = 0
@@ -375,9 +376,6 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         module._parameters[leaf] = nn.Parameter(out, requires_grad=False)
         if row_scale is not None:
             module.weight_scale = row_scale.to(device)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.compute_dtype = dtype
 
 
 @dataclass

@@ -98,7 +98,7 @@ class EditModel:
     rows hold each item's pieces back to back, and an item's length is the tuple of its piece lengths."""
 
     def __init__(self, transformer, refs: list[torch.Tensor], siglip: list[torch.Tensor] | None):
-        device = transformer.x_embedder.weight.device
+        device = transformer.device
         self.transformer = transformer
         self.refs = [r.to(device, transformer.dtype) for r in refs]
         self.siglip = [s.to(device, transformer.dtype) for s in siglip] if siglip else None
@@ -112,8 +112,8 @@ class EditModel:
         return self.transformer.dtype
 
     @property
-    def x_embedder(self):
-        return self.transformer.x_embedder
+    def device(self) -> torch.device:
+        return self.transformer.device
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, lengths) -> torch.Tensor:
         pieces = []

@@ -9,13 +9,15 @@ naming what it is when it is something else. Reading files and filling models is
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -29,6 +31,7 @@ from .checkpoint import (
     looks_like,
     open_checkpoint,
 )
+from .ops import DEFAULT, Ops
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import VAE, VAEConfig
 
@@ -148,6 +151,30 @@ def transformer_config(ckpt: Checkpoint, sources: dict[str, list[str]], config: 
         siglip_feat_dim=siglip[1] if siglip else None,
         patch_size=patch,
     )
+
+
+class TransformerFacts(NamedTuple):
+    """What a host needs to know before it builds a transformer: to pick dtypes and reserve memory."""
+
+    config: TransformerConfig
+    parameters: int
+    file_dtype: torch.dtype  # the dtype most of its weights are stored in
+    fp16_ok: bool
+
+
+def transformer_facts(path: str | Path) -> TransformerFacts:
+    """Read from the header and one small tensor. `fp16_ok` is ComfyUI's test (0.33.0 `model_detection.py`):
+    weights whose second-to-last block has FFN norm weights of std >= 0.42 (Base) overflow fp16; Turbo's do not."""
+    with open_checkpoint(path, "transformer") as ckpt:
+        sources, _ = transformer_sources(ckpt)
+        cfg = transformer_config(ckpt, sources, None)
+        sizes = Counter()
+        for srcs in sources.values():
+            for src in srcs:
+                sizes[ckpt.dtype(src)] += math.prod(ckpt.shape(src))
+        probe = sources.get(f"layers.{cfg.n_layers - 2}.ffn_norm1.weight") if cfg.n_layers >= 2 else None
+        fp16_ok = probe is not None and ckpt.read(probe[0]).float().std(unbiased=False).item() < 0.42
+    return TransformerFacts(cfg, sum(sizes.values()), sizes.most_common(1)[0][0], fp16_ok)
 
 
 def transformer_variant(ckpt: Checkpoint, sources) -> tuple[str, str]:
@@ -433,17 +460,22 @@ def load_transformer(
     dtype: torch.dtype = torch.bfloat16,
     weight_dtype: torch.dtype | None = None,
     config: dict | None = None,
+    ops: Ops = DEFAULT,
+    compute_dtype: torch.dtype | None = None,
+    model_class: type[ZImageTransformer] = ZImageTransformer,
 ) -> ZImageTransformer:
     """Load a Z-Image transformer from any released layout; `dtype` is the compute dtype.
 
     `weight_dtype=torch.float8_e4m3fn` holds the Linear weights of a bf16/fp32 file in fp8 (as ComfyUI's
-    fp8 weight option does); fp8 files are always held in fp8. `config` overrides the folder's config.json.
+    fp8 weight option does); fp8 files are always held in fp8. `config` overrides the folder's config.json;
+    `ops` are the layers to build from and `model_class` the class (a host passes its own); `compute_dtype`
+    (default `dtype`) what the GEMMs run in when the weights are held in another dtype.
     """
     with open_checkpoint(path, "transformer") as ckpt:
         sources, prefix = transformer_sources(ckpt)
         cfg = transformer_config(ckpt, sources, config)
         with torch.device("meta"):
-            model = ZImageTransformer(cfg).to(dtype)
+            model = model_class(cfg, ops, compute_dtype=compute_dtype or dtype).to(dtype)
         source = "inferred from the tensors" if config is None and ckpt.config is None else "config.json"
         described = f"a Z-Image transformer with dim {cfg.dim}, {cfg.n_heads} heads, {cfg.n_layers} layers ({source})"
         fill(model, ckpt, sources, torch.device(device), dtype, weight_dtype, described)

@@ -115,7 +115,7 @@ def sample(
     When the 2B guided batch runs out of CUDA memory, cond and uncond run one after the other.
     """
     schedule = sigmas(8) if schedule is None else schedule
-    device, dtype = model.x_embedder.weight.device, model.dtype
+    device, dtype = model.device, model.dtype
     guided = scale > 0 and uncond is not None
 
     def prepare(first: Embeddings) -> tuple[torch.Tensor, list[int]]:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from .transformer import Linear
+from .ops import Linear
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ Numerically this is the official model (Tongyi-MAI/Z-Image `src/zimage/transform
 - position ids, RoPE angles and masks depend only on shapes, so they are built once per shape and cached;
 - with bf16/fp16 weights the residual stream, norms and RoPE stay in fp32 and only GEMMs and attention run in
   the low-precision dtype, which keeps bf16 closer to the fp32 model than the references are;
-- a Linear may hold its weight in fp8 (with a scale) and dequantize it per call, so fp8 files are held once.
+- every layer comes from an ops namespace (`ops.py`: ours by default, the host's inside ComfyUI), and fp16
+  overflow is clamped where ComfyUI clamps it.
 
 Module names follow ComfyUI's single-file layout (`attention.qkv`, `x_embedder`, `final_layer`); `loaders.py`
 maps the diffusers layout onto them.
@@ -23,6 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops import DEFAULT, Ops
 
 SEQ_MULTIPLE = 32  # every item's image and caption sequences are padded to a multiple of this with pad tokens
 ADALN_DIM = 256  # width of the timestep conditioning vector
@@ -66,49 +69,12 @@ class TransformerConfig:
         return int(self.dim / 3 * 8)
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that computes in `compute_dtype` whatever dtype it holds its weight in.
-
-    fp8 weights stay fp8 in memory and are dequantized (times the per-row `weight_scale`, when the file had one)
-    for each call, as ComfyUI does, so an fp8 checkpoint is never held twice.
-    """
-
-    compute_dtype: torch.dtype | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("weight_scale", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or self.weight.dtype
-        w = self.weight.to(dtype)
-        if self.weight_scale is not None:
-            w = w * self.weight_scale.to(dtype)
-        b = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), w, b)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 (the official model computes in the input dtype; equal in fp32)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention over (B, S, heads, head_dim); `mask` (B, S) marks the keys that exist.
-
-    The only attention call in the model: other kernels plug in here.
-    """
-    if mask is not None:
-        mask = mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """fp16 overflow to its largest finite value, at the points ComfyUI clamps (`comfy/ldm/lumina/model.py`
+    `clamp_fp16`: attention and feed-forward outputs and the SwiGLU product), so fp16 gives images, not NaN."""
+    if x.dtype == torch.float16:
+        return torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -119,80 +85,81 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, eps: float):
+    def __init__(self, dim: int, n_heads: int, eps: float, ops: Ops):
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = Linear(dim, 3 * dim, bias=False)
-        self.out = Linear(dim, dim, bias=False)
-        self.q_norm = RMSNorm(dim // n_heads, eps)
-        self.k_norm = RMSNorm(dim // n_heads, eps)
+        self.n_heads, self.attend = n_heads, ops.attention
+        self.qkv = ops.Linear(dim, 3 * dim, bias=False)
+        self.out = ops.Linear(dim, dim, bias=False)
+        self.q_norm = ops.RMSNorm(dim // n_heads, eps)
+        self.k_norm = ops.RMSNorm(dim // n_heads, eps)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
-        q = apply_rope(self.q_norm(q), rope).to(v.dtype)
-        k = apply_rope(self.k_norm(k), rope).to(v.dtype)
-        return self.out(attention(q, k, v, mask))
+        q = apply_rope(self.q_norm(q.float()), rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k.float()), rope).to(v.dtype)
+        return self.out(self.attend(q, k, v, mask))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, ops: Ops):
         super().__init__()
-        self.w1 = Linear(dim, hidden, bias=False)
-        self.w2 = Linear(hidden, dim, bias=False)
-        self.w3 = Linear(dim, hidden, bias=False)
+        self.w1 = ops.Linear(dim, hidden, bias=False)
+        self.w2 = ops.Linear(hidden, dim, bias=False)
+        self.w3 = ops.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(clamp_fp16(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class Block(nn.Module):
     """Attention and SwiGLU with "sandwich" RMSNorms; modulated blocks scale the inputs and tanh-gate the outputs."""
 
-    def __init__(self, cfg: TransformerConfig, modulated: bool):
+    def __init__(self, cfg: TransformerConfig, modulated: bool, ops: Ops):
         super().__init__()
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
-        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.norm_eps, ops)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, ops)
+        self.attention_norm1 = ops.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = ops.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = ops.RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = ops.RMSNorm(cfg.dim, cfg.norm_eps)
         if modulated:
-            self.adaLN_modulation = nn.Sequential(Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim))
+            self.adaLN_modulation = nn.Sequential(ops.Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, c=None, noisy=None):
-        """x: fp32 residual stream (B, S, dim); c: conditioning (B, 1, 256) for modulated blocks, or (Omni) a pair
-        (noisy, clean) chosen per token by `noisy` (B, S, 1)."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, dtype, c=None, noisy=None):
+        """x: fp32 residual stream (B, S, dim); `dtype` the one GEMMs and attention run in; c: conditioning
+        (B, 1, 256) for modulated blocks, or (Omni) a pair (noisy, clean) chosen per token by `noisy` (B, S, 1)."""
         if c is None:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            h = clamp_fp16(self.attention(self.attention_norm1(x).to(dtype), rope, mask))
+            x = x + self.attention_norm2(h.float())
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x).to(dtype)).float())
         scale_msa, gate_msa, scale_mlp, gate_mlp = per_token(self.adaLN_modulation, c, noisy).chunk(4, dim=-1)
-        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
-        x = x + gate_msa.tanh() * self.attention_norm2(h)
-        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+        h = clamp_fp16(self.attention((self.attention_norm1(x) * (1 + scale_msa)).to(dtype), rope, mask))
+        x = x + gate_msa.tanh() * self.attention_norm2(h.float())
+        h = clamp_fp16(self.feed_forward((self.ffn_norm1(x) * (1 + scale_mlp)).to(dtype)))
+        return x + gate_mlp.tanh() * self.ffn_norm2(h.float())
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, out_dim: int):
+    def __init__(self, out_dim: int, ops: Ops):
         super().__init__()
-        self.mlp = nn.Sequential(Linear(FREQ_EMBED_DIM, T_EMBED_MID), nn.SiLU(), Linear(T_EMBED_MID, out_dim))
+        self.mlp = nn.Sequential(ops.Linear(FREQ_EMBED_DIM, T_EMBED_MID), nn.SiLU(), ops.Linear(T_EMBED_MID, out_dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype) -> torch.Tensor:
         half = FREQ_EMBED_DIM // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype))
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, ops: Ops):
         super().__init__()
-        self.linear = Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(min(dim, ADALN_DIM), dim))
+        self.linear = ops.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(min(dim, ADALN_DIM), dim))
 
-    def forward(self, x: torch.Tensor, c, noisy=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c, dtype, noisy=None) -> torch.Tensor:
         scale = 1 + per_token(self.adaLN_modulation, c, noisy)
-        return self.linear(F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * scale)
+        return self.linear((F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * scale).to(dtype))
 
 
 def per_token(modulation: nn.Module, c, noisy: torch.Tensor | None) -> torch.Tensor:
@@ -337,33 +304,61 @@ def stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
     )[:, None]
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Latents (B, C, H, W) to rows (B, H/p * W/p, p * p * C) of p x p patches, row-major, channels last."""
+    bsz, c, hgt, wid = x.shape
+    return x.reshape(bsz, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, -1, p * p * c)
+
+
+def unpatchify(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Rows (B, H/p * W/p, p * p * C) back to latents of `shape` (B, C, H, W)."""
+    bsz, c, hgt, wid = shape
+    p = math.isqrt(rows.shape[-1] // c)
+    return rows.view(bsz, hgt // p, wid // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(shape)
+
+
 class ZImageTransformer(nn.Module):
     """Z-Image transformer (Turbo, Base and the Omni/Edit weights)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, ops: Ops = DEFAULT, compute_dtype: torch.dtype | None = None):
+        """`ops`: the layers and attention to build from; `compute_dtype`: what GEMMs and attention run in
+        (None: the x_embedder weight's dtype)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.compute_dtype = cfg, compute_dtype
         p = cfg.patch_size
-        self.x_embedder = Linear(p * p * cfg.in_channels, cfg.dim)
-        self.t_embedder = TimestepEmbedder(min(cfg.dim, ADALN_DIM))
-        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), Linear(cfg.cap_feat_dim, cfg.dim))
+        self.x_embedder = ops.Linear(p * p * cfg.in_channels, cfg.dim)
+        self.t_embedder = TimestepEmbedder(min(cfg.dim, ADALN_DIM), ops)
+        self.cap_embedder = nn.Sequential(ops.RMSNorm(cfg.cap_feat_dim, cfg.norm_eps),
+                                          ops.Linear(cfg.cap_feat_dim, cfg.dim))  # fmt: skip
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
-        self.noise_refiner = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_refiner_layers))
-        self.context_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
-        self.layers = nn.ModuleList(Block(cfg, modulated=True) for _ in range(cfg.n_layers))
-        self.final_layer = FinalLayer(cfg.dim, p * p * cfg.in_channels)
+        self.noise_refiner = nn.ModuleList(Block(cfg, True, ops) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(Block(cfg, False, ops) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(Block(cfg, True, ops) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg.dim, p * p * cfg.in_channels, ops)
         if cfg.siglip_feat_dim is not None:  # Omni/Edit: reference-image features from SigLIP2
             self.siglip_embedder = nn.Sequential(
-                RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps), Linear(cfg.siglip_feat_dim, cfg.dim)
+                ops.RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps), ops.Linear(cfg.siglip_feat_dim, cfg.dim)
             )
-            self.siglip_refiner = nn.ModuleList(Block(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
+            self.siglip_refiner = nn.ModuleList(Block(cfg, False, ops) for _ in range(cfg.n_refiner_layers))
             self.siglip_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype it computes in (its Linear weights may be held in fp8)."""
-        return self.x_embedder.compute_dtype or self.x_embedder.weight.dtype
+        return self.compute_dtype or self.x_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where it runs (a host that streams weights in overrides this with its load device)."""
+        return self.x_embedder.weight.device
+
+    def embed(self, embedder: nn.Sequential, feats: torch.Tensor) -> torch.Tensor:
+        """Caption or SigLIP features through their RMSNorm (fp32) and projection (compute dtype)."""
+        return embedder[1](embedder[0](feats.float()).to(self.dtype)).float()
+
+    def pad(self, token: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+        return token.to(like.device, torch.float32)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None
@@ -375,7 +370,7 @@ class ZImageTransformer(nn.Module):
         Items of different image sizes go in separate calls (the result equals a mixed-size reference batch).
         """
         cfg, p = self.cfg, self.cfg.patch_size
-        bsz, c, hgt, wid = x.shape
+        bsz, _, hgt, wid = x.shape
         if hgt % p or wid % p:
             raise ValueError(f"latent size {hgt} x {wid} is not a multiple of the patch size {p}")
         cap_lens = [cap_feats.shape[1]] * bsz if cap_lens is None else [int(n) for n in cap_lens]
@@ -385,25 +380,24 @@ class ZImageTransformer(nn.Module):
         shape = layout(cfg, (h, w), tuple(cap_lens), x.device)
         n, n_all, l_all = h * w, shape.img_rope.shape[1], shape.cap_rope.shape[1]
 
-        cond = self.t_embedder(t * cfg.t_scale)[:, None]
+        dt = self.dtype
+        cond = self.t_embedder(t * cfg.t_scale, dt)[:, None]
 
-        patches = x.reshape(bsz, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, n, p * p * c)
-        img = self.x_embedder(patches).float()
-        img = torch.cat([img, self.x_pad_token.float().expand(bsz, n_all - n, -1)], dim=1)
+        img = self.x_embedder(patchify(x, p).to(dt)).float()
+        img = torch.cat([img, self.pad(self.x_pad_token, img).expand(bsz, n_all - n, -1)], dim=1)
         for block in self.noise_refiner:
-            img = block(img, shape.img_rope, None, cond)
+            img = block(img, shape.img_rope, None, dt, cond)
 
         cap = F.pad(cap_feats[:, :l_all], (0, 0, 0, max(0, l_all - cap_feats.shape[1])))
-        cap = torch.where(shape.cap_real, self.cap_embedder(cap).float(), self.cap_pad_token.float())
+        cap = torch.where(shape.cap_real, self.embed(self.cap_embedder, cap), self.pad(self.cap_pad_token, cap))
         for block in self.context_refiner:
-            cap = block(cap, shape.cap_rope, shape.cap_mask)
+            cap = block(cap, shape.cap_rope, shape.cap_mask, dt)
 
         seq = torch.cat([img, cap], dim=1)
         for block in self.layers:
-            seq = block(seq, shape.rope, shape.mask, cond)
+            seq = block(seq, shape.rope, shape.mask, dt, cond)
 
-        out = self.final_layer(seq[:, :n], cond)
-        return out.view(bsz, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(bsz, c, hgt, wid).to(x.dtype)
+        return unpatchify(self.final_layer(seq[:, :n], cond, dt), x.shape).to(x.dtype)
 
     def forward_omni(self, x, t, segments, refs, siglip=None) -> torch.Tensor:
         """Omni/Edit: the target's velocity given reference images, as diffusers' `ZImageOmniPipeline` runs it.
@@ -426,8 +420,8 @@ class ZImageTransformer(nn.Module):
         sig_grids = tuple(tuple(sg.shape[:2]) for sg in siglip) if siglip else ()
         lengths = [tuple(int(seg[1][i]) for seg in segments) for i in range(bsz)]
         items = [omni_item(cfg, lens, grids, sig_grids) for lens in lengths]
-        dev = x.device
-        c = (self.t_embedder(t * cfg.t_scale)[:, None], self.t_embedder(torch.ones_like(t) * cfg.t_scale)[:, None])
+        dev, dt = x.device, self.dtype
+        c = tuple(self.t_embedder(time * cfg.t_scale, dt)[:, None] for time in (t, torch.ones_like(t)))
 
         def embed(embedder, token, rows: list[list[torch.Tensor]]) -> list[torch.Tensor]:
             """Each item's pieces padded to whole blocks and embedded in one call over the batch, as diffusers does
@@ -437,33 +431,32 @@ class ZImageTransformer(nn.Module):
             real = torch.cat(
                 [torch.arange(len(q)) < len(r) for item, raw in zip(pieces, rows) for q, r in zip(item, raw)]
             )
-            out = torch.where(real[:, None].to(dev), embedder(torch.cat([torch.cat(i) for i in pieces])).float(),
-                              token.float())  # fmt: skip
+            out = torch.where(real[:, None].to(dev), embedder(torch.cat([torch.cat(i) for i in pieces])),
+                              self.pad(token, x))  # fmt: skip
             return list(out.split([sum(map(len, item)) for item in pieces]))
 
-        patches = []
-        for im in images:
-            ch, h, w = im.shape[1], im.shape[2] // p, im.shape[3] // p
-            patches.append(im.reshape(bsz, ch, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, h * w, p * p * ch))
-        img = torch.stack(embed(self.x_embedder, self.x_pad_token, [[q[i] for q in patches] for i in range(bsz)]))
+        patches = [patchify(im, p) for im in images]
+        img = torch.stack(embed(lambda rows: self.x_embedder(rows.to(dt)).float(), self.x_pad_token,
+                                [[q[i] for q in patches] for i in range(bsz)]))  # fmt: skip
         img_noisy = items[0].img_noisy.to(dev)[None, :, None]
         img_rope = angles(cfg, torch.stack([it.img_ids for it in items]), dev)
         for block in self.noise_refiner:
-            img = block(img, img_rope, None, c, img_noisy)
+            img = block(img, img_rope, None, dt, c, img_noisy)
 
         rows = [[seg[0][i, :n] for seg, n in zip(segments, lens)] for i, lens in enumerate(lengths)]
-        cap, cap_mask = stack_padded(embed(self.cap_embedder, self.cap_pad_token, rows))
+        cap, cap_mask = stack_padded(embed(lambda f: self.embed(self.cap_embedder, f), self.cap_pad_token, rows))
         cap_rope = angles(cfg, stack_padded([it.cap_ids for it in items])[0], dev)
         for block in self.context_refiner:
-            cap = block(cap, cap_rope, cap_mask)
+            cap = block(cap, cap_rope, cap_mask, dt)
 
         sig = None
         if siglip:  # read channel-major, as diffusers reads them; the target's slot holds pad tokens only
             flat = [f.permute(2, 0, 1).reshape(f.shape[0] * f.shape[1], f.shape[2]).to(dev) for f in siglip]
-            sig = torch.stack(embed(self.siglip_embedder, self.siglip_pad_token, [[*flat, flat[0][:0]]] * bsz))
+            sig = torch.stack(embed(lambda f: self.embed(self.siglip_embedder, f), self.siglip_pad_token,
+                                    [[*flat, flat[0][:0]]] * bsz))  # fmt: skip
             sig_rope = angles(cfg, torch.stack([it.sig_ids for it in items]), dev)
             for block in self.siglip_refiner:
-                sig = block(sig, sig_rope, None)
+                sig = block(sig, sig_rope, None, dt)
 
         seqs, ids, flags = [], [], []
         for i, it in enumerate(items):
@@ -474,12 +467,11 @@ class ZImageTransformer(nn.Module):
         rope = angles(cfg, stack_padded(ids)[0], dev)
         noisy = stack_padded([f[:, None] for f in flags])[0].to(dev)
         for block in self.layers:
-            seq = block(seq, rope, mask, c, noisy)
+            seq = block(seq, rope, mask, dt, c, noisy)
 
         hgt, wid = x.shape[2:]
         n = (hgt // p) * (wid // p)
         start = [len(it.cap_ids) + len(it.img_ids) - padded(n) for it in items]  # the target is the last image
         target = torch.stack([seq[i, s : s + n] for i, s in enumerate(start)])
-        out = self.final_layer(target, c, torch.stack([noisy[i, s : s + n] for i, s in enumerate(start)]))
-        ch = x.shape[1]
-        return out.view(bsz, hgt // p, wid // p, p, p, ch).permute(0, 5, 1, 3, 2, 4).reshape(x.shape).to(x.dtype)
+        out = self.final_layer(target, c, dt, torch.stack([noisy[i, s : s + n] for i, s in enumerate(start)]))
+        return unpatchify(out, x.shape).to(x.dtype)

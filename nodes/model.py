@@ -1,0 +1,106 @@
+"""Our transformer as a native ComfyUI MODEL: the diffusion model inside the host's own Lumina2/Z-Image model
+object, built from the host's layers (`comfy.ops`) and attention, so KSampler, LoRA loaders, partial loading and
+the dtype and attention flags all work on it (city96's ComfyUI-GGUF does the same with its own ops)."""
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.supported_models
+import torch
+from comfy.ldm.modules.attention import optimized_attention_masked
+
+from ..zimage_core.loaders import load_transformer, transformer_facts
+from ..zimage_core.ops import Ops
+from ..zimage_core.transformer import ZImageTransformer
+
+HOST_ZIMAGE = getattr(comfy.supported_models, "ZImage", None)  # 0.8.0 and later; 0.3.64 has Lumina2 only
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def host_attention(q, k, v, mask):
+    """ComfyUI's attention (sage, flash, xformers or PyTorch, as its flags say) over (B, S, heads, head_dim)."""
+    mask = None if mask is None else mask[:, None, None, :]
+    return optimized_attention_masked(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), q.shape[2], mask, skip_reshape=True
+    )
+
+
+HOST_OPS = Ops(comfy.ops.manual_cast.Linear, comfy.ops.manual_cast.RMSNorm, host_attention)
+
+
+class Config(HOST_ZIMAGE or comfy.supported_models.Lumina2):
+    """The host's Z-Image settings (Flux latents, flow with shift 3); fp16 offered only for weights that tolerate
+    it, by ComfyUI 0.33.0's test, on every host."""
+
+    sampling_settings = {"multiplier": 1.0, "shift": 3.0}  # noqa: RUF012 (the host's BASE declares it so)
+    memory_usage_factor = getattr(HOST_ZIMAGE, "memory_usage_factor", 2.0)
+
+    def __init__(self, unet_config, fp16_ok: bool):
+        super().__init__(unet_config)
+        fp16 = fp16_ok and mm.extended_fp16_support()
+        self.supported_inference_dtypes = [torch.bfloat16, *([torch.float16] if fp16 else []), torch.float32]
+
+
+class HostTransformer(ZImageTransformer):
+    """Called as ComfyUI calls NextDiT: sigma-time in, the velocity in ComfyUI's sign (noise - x0) out."""
+
+    load_device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.load_device or super().device
+
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs):
+        lengths = None if attention_mask is None else [int(n) for n in attention_mask.flatten(1).sum(1)]
+        return -ZImageTransformer.forward(self, x, 1 - timesteps, context, lengths)
+
+
+class Direct:
+    """The transformer as `zimage_core.sampling` calls it (its own time and sign), for the Z-Image Sampler."""
+
+    def __init__(self, transformer: HostTransformer):
+        self.transformer, self.cfg, self.device, self.dtype = (
+            transformer,
+            transformer.cfg,
+            transformer.device,
+            transformer.dtype,
+        )
+
+    def __call__(self, x, t, captions, lengths):
+        return ZImageTransformer.forward(self.transformer, x, t, captions, lengths)
+
+    def forward_omni(self, *args):
+        return self.transformer.forward_omni(*args)
+
+
+def dtypes(facts, option, load_device):
+    """(held, compute) as ComfyUI's diffusion model loader picks them: the user's flags and option win."""
+    config_dtypes = Config({"image_model": "lumina2"}, facts.fp16_ok).supported_inference_dtypes
+    chosen = option or mm.unet_dtype(load_device, facts.parameters, config_dtypes, facts.file_dtype)
+    manual = mm.unet_manual_cast(chosen, load_device, config_dtypes)
+    return chosen, manual or chosen
+
+
+def load_model(path, option: torch.dtype | None, load_device, offload_device):
+    """A ModelPatcher holding a host model whose diffusion model is our transformer, read from `path`."""
+    facts = transformer_facts(path)
+    held, compute = dtypes(facts, option, load_device)
+    fp8 = held in FP8
+    transformer = load_transformer(path, offload_device, compute if fp8 else held, held if fp8 else None,
+                                   ops=HOST_OPS, compute_dtype=compute, model_class=HostTransformer)  # fmt: skip
+    transformer.load_device = torch.device(load_device)
+    config = Config({"image_model": "lumina2", "dim": facts.config.dim, "disable_unet_model_creation": True},
+                    facts.fp16_ok)  # fmt: skip
+    config.set_inference_dtype(held, None if compute == held else compute)
+    model = comfy.model_base.Lumina2(config, device=offload_device)
+    model.diffusion_model = transformer
+    model.info = transformer.info
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def memory_required(patcher, shape) -> tuple[int, int]:
+    """(wanted, minimum) bytes to reserve for activations, as ComfyUI's samplers ask (`sampler_helpers`)."""
+    extra = mm.minimum_inference_memory()
+    return (patcher.model.memory_required([shape[0] * 2, *shape[1:]]) + extra,
+            patcher.model.memory_required(list(shape)) + extra)  # fmt: skip

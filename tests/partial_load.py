@@ -1,0 +1,67 @@
+"""Run by test_server_native.py in a ComfyUI host's own python, from the host's folder: our MODEL's prediction
+after a partial load (a third of its size resident, the rest cast per call) against a full load.
+
+Arguments: the pack's folder, the transformer file, optionally a LoRA file. Prints one JSON line."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+pack, weights, lora = Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+sys.argv = sys.argv[:1]
+sys.path.insert(0, ".")
+
+import torch
+from comfy.cli_args import args
+
+args.cpu = not torch.cuda.is_available()  # as the servers run with --cpu
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+
+spec = importlib.util.spec_from_file_location(
+    "zimage_pack", pack / "__init__.py", submodule_search_locations=[str(pack)]
+)
+module = importlib.util.module_from_spec(spec)
+sys.modules["zimage_pack"] = module
+spec.loader.exec_module(module)
+from zimage_pack.nodes.model import load_model
+
+cpu = torch.device("cpu")
+base = load_model(weights, torch.float32, cpu, cpu)
+cfg = base.model.diffusion_model.cfg
+generator = torch.Generator().manual_seed(3)
+x = torch.randn(1, cfg.in_channels, 32, 32, generator=generator)
+cond = torch.randn(1, 20, cfg.cap_feat_dim, generator=generator)
+sigma = torch.tensor([0.7])
+
+
+def predict(patcher):
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=cond).float()
+
+
+mm.load_models_gpu([base], force_full_load=True)
+plain = predict(base)
+patcher = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0] if lora else base
+mm.unload_all_models()
+mm.load_models_gpu([patcher], force_full_load=True)
+full = predict(patcher)
+mm.unload_all_models()
+size = patcher.model_size()
+patcher.load(cpu, lowvram_model_memory=size // 3)
+partial = predict(patcher)
+modules = list(patcher.model.diffusion_model.modules())
+print(
+    json.dumps(
+        {
+            "model_bytes": size,
+            "partial_bytes": patcher.model.model_loaded_weight_memory,
+            "lowvram_modules": sum(hasattr(m, "prev_comfy_cast_weights") for m in modules),
+            "max_abs_diff": float((partial - full).abs().max()),
+            "scale": float(full.abs().max()),
+            "lora_changed": float((full - plain).abs().max()),
+        }
+    )
+)

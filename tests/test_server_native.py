@@ -1,0 +1,103 @@
+"""Our MODEL and CONDITIONING among native nodes, in real ComfyUI servers (0.33.0, 0.8.0, 0.3.64)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from comfyui import ROOT, SIZE, run, saved
+
+from zimage_core.client import failure
+
+STEPS, SEED = 4, 21
+
+
+def graph(sampler: str = "native", lora: float | None = None, sampler_name: str = "euler") -> dict:
+    """Our loaders and Text Encode; then KSampler and native VAE Decode, or our sampler (the same schedule:
+    ComfyUI's `simple` on shift 3 is the official one) with the same decode. fp32 throughout."""
+    width, height = SIZE
+    nodes = {
+        "1": {"class_type": "ZImageTransformerLoader",
+              "inputs": {"name": "z_image_turbo_bf16.safetensors", "weight_dtype": "fp32", "device": "default"}},
+        "2": {"class_type": "ZImageTextEncoderLoader",
+              "inputs": {"name": "qwen_3_4b.safetensors", "weight_dtype": "fp32", "device": "default"}},
+        "3": {"class_type": "ZImageTextEncode",
+              "inputs": {"text_encoder": ["2", 0], "text": "a lighthouse in a storm", "max_length": 512}},
+        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "7": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["7", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": sampler}},
+    }  # fmt: skip
+    model = ["1", 0]
+    if lora is not None:
+        nodes["10"] = {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": model, "lora_name": "zimage_lora.safetensors", "strength_model": lora},
+        }
+        model = ["10", 0]  # fmt: skip
+    if sampler == "native":
+        nodes["6"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": SEED, "steps": STEPS, "cfg": 1.0, "sampler_name": sampler_name,
+            "scheduler": "simple", "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "denoise": 1.0}}  # fmt: skip
+    else:
+        nodes["6"] = {"class_type": "ZImageSampler", "inputs": {
+            "model": model, "positive": ["3", 0], "latent": ["5", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0,
+            "width": width, "height": height, "batch_size": 1, "denoise": 1.0, "shift": 3.0, "variety": 0.0}}  # fmt: skip
+    return nodes
+
+
+def image(server, client, nodes: dict) -> np.ndarray:
+    entry = run(client, nodes)
+    assert failure(entry) is None, failure(entry)
+    (out,) = saved(server, entry)
+    return out.astype(int)
+
+
+def test_native_ksampler_samples_our_model_as_our_sampler_does(server, client):
+    """Our loader -> KSampler (euler, simple) -> native VAE Decode gives our sampler's image: the MODEL's time,
+    sign, latent format and shift are ComfyUI's."""
+    native, ours = image(server, client, graph("native")), image(server, client, graph("ours"))
+    difference = np.abs(native - ours)
+    assert ours.std() > 1 and difference.max() <= 2 and difference.mean() <= 0.05, (difference.max(), difference.mean())
+
+
+def test_every_native_sampler_runs_our_model(server, client):
+    """res_multistep (ComfyUI's Turbo template) and others run; they differ from euler, as samplers do."""
+    euler = image(server, client, graph("native"))
+    for name in ("res_multistep", "dpmpp_2m"):
+        other = image(server, client, graph("native", sampler_name=name))
+        assert other.std() > 1 and np.abs(other - euler).mean() > 0.1, name
+
+
+def test_native_lora_loader_patches_our_model_and_both_samplers_see_it(server, client):
+    """LoraLoaderModelOnly maps every key of a kohya-named LoRA onto our MODEL (no "lora key not loaded"), the
+    image changes, both samplers give the patched model's image, and the unpatched model comes back after."""
+    plain = image(server, client, graph("native"))
+    patched = image(server, client, graph("native", lora=1.0))
+    ours = image(server, client, graph("ours", lora=1.0))
+    again = image(server, client, graph("native"))
+    assert "lora key not loaded" not in server.tail(400)
+    assert np.abs(patched - plain).mean() > 2, np.abs(patched - plain).mean()
+    assert np.abs(patched - ours).max() <= 2
+    assert np.abs(again - plain).max() <= 1
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_a_partial_load_gives_the_full_loads_output(server, models, lora):
+    """In the host's own process: our MODEL loaded with a budget a third of its size (ComfyUI casts the other
+    modules per call) predicts what the full load predicts, with and without a LoRA patched in."""
+    script = ROOT / "tests" / "partial_load.py"
+    args = [server.python, str(script), str(ROOT), str(models / "transformer.safetensors")]
+    if lora:
+        args.append(str(models / "lora.safetensors"))
+    done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["lowvram_modules"] > 0 and result["partial_bytes"] < result["model_bytes"] / 2, result
+    assert result["max_abs_diff"] <= 1e-5 * result["scale"], result
+    if lora:
+        assert result["lora_changed"] > 1e-3 * result["scale"], result
