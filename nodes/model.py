@@ -29,6 +29,11 @@ def host_attention(q, k, v, mask):
 HOST_OPS = Ops(comfy.ops.manual_cast.Linear, comfy.ops.manual_cast.RMSNorm, host_attention)
 
 
+def inference_dtypes(fp16_ok: bool) -> list[torch.dtype]:
+    fp16 = fp16_ok and mm.extended_fp16_support()
+    return [torch.bfloat16, *([torch.float16] if fp16 else []), torch.float32]
+
+
 class Config(HOST_ZIMAGE or comfy.supported_models.Lumina2):
     """The host's Z-Image settings (Flux latents, flow with shift 3); fp16 offered only for weights that tolerate
     it, by ComfyUI 0.33.0's test, on every host."""
@@ -38,8 +43,7 @@ class Config(HOST_ZIMAGE or comfy.supported_models.Lumina2):
 
     def __init__(self, unet_config, fp16_ok: bool):
         super().__init__(unet_config)
-        fp16 = fp16_ok and mm.extended_fp16_support()
-        self.supported_inference_dtypes = [torch.bfloat16, *([torch.float16] if fp16 else []), torch.float32]
+        self.supported_inference_dtypes = inference_dtypes(fp16_ok)
 
 
 class HostTransformer(ZImageTransformer):
@@ -76,7 +80,7 @@ class Direct:
 
 def dtypes(facts, option, load_device):
     """(held, compute) as ComfyUI's diffusion model loader picks them: the user's flags and option win."""
-    config_dtypes = Config({"image_model": "lumina2"}, facts.fp16_ok).supported_inference_dtypes
+    config_dtypes = inference_dtypes(facts.fp16_ok)
     chosen = option or mm.unet_dtype(load_device, facts.parameters, config_dtypes, facts.file_dtype)
     manual = mm.unet_manual_cast(chosen, load_device, config_dtypes)
     return chosen, manual or chosen
@@ -95,12 +99,4 @@ def load_model(path, option: torch.dtype | None, load_device, offload_device):
     config.set_inference_dtype(held, None if compute == held else compute)
     model = comfy.model_base.Lumina2(config, device=offload_device)
     model.diffusion_model = transformer
-    model.info = transformer.info
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def memory_required(patcher, shape) -> tuple[int, int]:
-    """(wanted, minimum) bytes to reserve for activations, as ComfyUI's samplers ask (`sampler_helpers`)."""
-    extra = mm.minimum_inference_memory()
-    return (patcher.model.memory_required([shape[0] * 2, *shape[1:]]) + extra,
-            patcher.model.memory_required(list(shape)) + extra)  # fmt: skip

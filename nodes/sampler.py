@@ -2,6 +2,7 @@
 
 import comfy.latent_formats
 import comfy.model_management as mm
+import comfy.sampler_helpers
 import comfy.utils
 import latent_preview
 import torch
@@ -11,7 +12,6 @@ from ..zimage_core import limits, sampling
 from ..zimage_core.edit import EditConditioning, EditModel
 from ..zimage_core.vae import VAEConfig
 from .loaders import expect, ready, transformer_of
-from .model import memory_required
 from .text_encode import from_conditioning
 
 FLUX = VAEConfig()  # the released VAE's latent scale and shift, as ComfyUI's Flux latent format
@@ -160,7 +160,8 @@ class ZImageSampler(io.ComfyNode):
         if edit:  # the output takes the last reference's size unless a latent says otherwise
             shape = (inner.cfg.in_channels, *positive.refs[-1].shape[2:])
         size = shape if clean is None else clean.shape[1:]
-        transformer = ready(model, "model", memory_required(model, (len(seeds), *size)))
+        memory = comfy.sampler_helpers.estimate_memory(model, (len(seeds), *size), {})  # as KSampler reserves
+        transformer = ready(model, "model", memory)
         if edit:
             transformer = EditModel(transformer, positive.refs, positive.siglip)
             positive, negative = positive.text, negative.text if negative is not None else None

@@ -358,10 +358,11 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
             held = weight_dtype
         else:
             held = dtype
-        if held in FP8 and any(s in scales for s in srcs) and not hasattr(module, "weight_scale"):
-            held = dtype  # a host Linear: it knows no per-row scale, so the weight is held dequantized
+        scaled = held in FP8 and any(s in scales for s in srcs)
+        if scaled and not hasattr(module, "weight_scale"):
+            held, scaled = dtype, False  # a host Linear knows no per-row scale: the weight is held dequantized
         out = torch.empty(p.shape, dtype=held, device=device)
-        row_scale = torch.ones(p.shape[0], 1) if held in FP8 and any(s in scales for s in srcs) else None
+        row_scale = torch.ones(p.shape[0], 1) if scaled else None
         row = 0
         for src in srcs:
             t = ckpt.read(src)

@@ -310,10 +310,9 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(bsz, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 3, 5, 1).reshape(bsz, -1, p * p * c)
 
 
-def unpatchify(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def unpatchify(rows: torch.Tensor, shape: torch.Size, p: int) -> torch.Tensor:
     """Rows (B, H/p * W/p, p * p * C) back to latents of `shape` (B, C, H, W)."""
     bsz, c, hgt, wid = shape
-    p = math.isqrt(rows.shape[-1] // c)
     return rows.view(bsz, hgt // p, wid // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(shape)
 
 
@@ -353,7 +352,7 @@ class ZImageTransformer(nn.Module):
         """Where it runs (a host that streams weights in overrides this with its load device)."""
         return self.x_embedder.weight.device
 
-    def embed(self, embedder: nn.Sequential, feats: torch.Tensor) -> torch.Tensor:
+    def project(self, embedder: nn.Sequential, feats: torch.Tensor) -> torch.Tensor:
         """Caption or SigLIP features through their RMSNorm (fp32) and projection (compute dtype)."""
         return embedder[1](embedder[0](feats.float()).to(self.dtype)).float()
 
@@ -389,7 +388,7 @@ class ZImageTransformer(nn.Module):
             img = block(img, shape.img_rope, None, dt, cond)
 
         cap = F.pad(cap_feats[:, :l_all], (0, 0, 0, max(0, l_all - cap_feats.shape[1])))
-        cap = torch.where(shape.cap_real, self.embed(self.cap_embedder, cap), self.pad(self.cap_pad_token, cap))
+        cap = torch.where(shape.cap_real, self.project(self.cap_embedder, cap), self.pad(self.cap_pad_token, cap))
         for block in self.context_refiner:
             cap = block(cap, shape.cap_rope, shape.cap_mask, dt)
 
@@ -397,7 +396,7 @@ class ZImageTransformer(nn.Module):
         for block in self.layers:
             seq = block(seq, shape.rope, shape.mask, dt, cond)
 
-        return unpatchify(self.final_layer(seq[:, :n], cond, dt), x.shape).to(x.dtype)
+        return unpatchify(self.final_layer(seq[:, :n], cond, dt), x.shape, p).to(x.dtype)
 
     def forward_omni(self, x, t, segments, refs, siglip=None) -> torch.Tensor:
         """Omni/Edit: the target's velocity given reference images, as diffusers' `ZImageOmniPipeline` runs it.
@@ -444,7 +443,7 @@ class ZImageTransformer(nn.Module):
             img = block(img, img_rope, None, dt, c, img_noisy)
 
         rows = [[seg[0][i, :n] for seg, n in zip(segments, lens)] for i, lens in enumerate(lengths)]
-        cap, cap_mask = stack_padded(embed(lambda f: self.embed(self.cap_embedder, f), self.cap_pad_token, rows))
+        cap, cap_mask = stack_padded(embed(lambda f: self.project(self.cap_embedder, f), self.cap_pad_token, rows))
         cap_rope = angles(cfg, stack_padded([it.cap_ids for it in items])[0], dev)
         for block in self.context_refiner:
             cap = block(cap, cap_rope, cap_mask, dt)
@@ -452,7 +451,7 @@ class ZImageTransformer(nn.Module):
         sig = None
         if siglip:  # read channel-major, as diffusers reads them; the target's slot holds pad tokens only
             flat = [f.permute(2, 0, 1).reshape(f.shape[0] * f.shape[1], f.shape[2]).to(dev) for f in siglip]
-            sig = torch.stack(embed(lambda f: self.embed(self.siglip_embedder, f), self.siglip_pad_token,
+            sig = torch.stack(embed(lambda f: self.project(self.siglip_embedder, f), self.siglip_pad_token,
                                     [[*flat, flat[0][:0]]] * bsz))  # fmt: skip
             sig_rope = angles(cfg, torch.stack([it.sig_ids for it in items]), dev)
             for block in self.siglip_refiner:
@@ -474,4 +473,4 @@ class ZImageTransformer(nn.Module):
         start = [len(it.cap_ids) + len(it.img_ids) - padded(n) for it in items]  # the target is the last image
         target = torch.stack([seq[i, s : s + n] for i, s in enumerate(start)])
         out = self.final_layer(target, c, dt, torch.stack([noisy[i, s : s + n] for i, s in enumerate(start)]))
-        return unpatchify(out, x.shape).to(x.dtype)
+        return unpatchify(out, x.shape, p).to(x.dtype)
