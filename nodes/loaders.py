@@ -2,14 +2,14 @@
 
 import comfy.model_management as mm
 import comfy.model_patcher
-import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, model_choices, resolve, stamp, transformer_facts
+from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, stamp, transformer_facts
 from ..zimage_core.text_encoder import TextEncoder
 from ..zimage_core.vae import VAE
 from .model import Direct, HostTransformer, load_model
+from .models import choices, find
 
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
 ZImageVAE = io.Custom("ZIMAGE_VAE")
@@ -53,10 +53,6 @@ def check_choices(*checks: tuple[str, str, list]) -> str | bool:
     return True
 
 
-def choices(folder: str, component: str) -> dict:
-    return model_choices(folder_paths.get_folder_paths(folder), component)
-
-
 def expect(name: str, value, types, what: str):
     """`value` when it is one of `types`; else an error naming the input (`/prompt` can put any JSON value into an
     input that the UI only lets a link fill)."""
@@ -94,7 +90,7 @@ def ready(patcher, name: str, memory: tuple[int, int] | None = None):
 
 
 def load(component: str, folder: str, name: str, weight_dtype: str, device: str):
-    path = resolve(folder_paths.get_folder_paths(folder), component, name)
+    path = find(folder, component, name)
     cpu = torch.device("cpu")
     load_device, offload_device = (cpu, cpu) if device == "cpu" else (f() for f in DEVICES[component])
     if component == "transformer":

@@ -9,7 +9,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core import limits, sampling
-from ..zimage_core.edit import EditConditioning, EditModel
+from ..zimage_core.edit import EditConditioning
 from ..zimage_core.vae import VAEConfig
 from .loaders import expect, ready, transformer_of
 from .text_encode import from_conditioning
@@ -162,9 +162,6 @@ class ZImageSampler(io.ComfyNode):
         size = shape if clean is None else clean.shape[1:]
         memory = comfy.sampler_helpers.estimate_memory(model, (len(seeds), *size), {})  # as KSampler reserves
         transformer = ready(model, "model", memory)
-        if edit:
-            transformer = EditModel(transformer, positive.refs, positive.siglip)
-            positive, negative = positive.text, negative.text if negative is not None else None
         progress = comfy.utils.ProgressBar(steps)
         previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.Flux())
 

@@ -150,6 +150,37 @@ def lora_for(transformer: dict, rank: int = 4) -> dict:
     return lora
 
 
+def write_full_qwen3(folder: Path) -> Path:
+    """`qwen_3_4b_full.safetensors`: the released text encoder's every name and shape, as ComfyUI's CLIPLoader
+    detects it, sparse. The embeddings and layers 0, 34 and 35 are random; the other layers are holes (zero weights:
+    they pass the residual stream on), so the file costs 1.4 GB, not 8. Layer 35 comes after the one Z-Image reads
+    (the second to last), so an encoder reading the wrong layer gives other features."""
+    from helpers import qwen3_specs, write_sparse
+
+    specs, generator = qwen3_specs(), torch.Generator().manual_seed(11)
+    for name, (shape, dtype) in specs.items():
+        if name == "model.embed_tokens.weight" or name.startswith(("model.layers.0.", "model.layers.34.",
+                                                                     "model.layers.35.")):  # fmt: skip
+            w = torch.randn(shape, generator=generator)
+            if name.endswith("norm.weight"):
+                w = 1 + 0.1 * w
+            elif len(shape) == 2 and "embed" not in name:
+                w = w * shape[1] ** -0.5
+            specs[name] = w.to(dtype)
+    return write_sparse(folder / "qwen_3_4b_full.safetensors", specs)
+
+
+def write_wide_caption_transformer(folder: Path) -> Path:
+    """A small transformer that reads the full-size encoder's 2560-wide features."""
+    from helpers import QWEN3_REAL, SMALL, reference_transformer, to_comfy
+    from safetensors.torch import save_file
+
+    sd = to_comfy(reference_transformer(dict(SMALL, cap_feat_dim=QWEN3_REAL["hidden_size"]), seed=3).state_dict())
+    path = folder / "z_image_wide_caption.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, path)
+    return path
+
+
 def write_images(folder: Path):
     """A picture for img2img, and the same with a transparent square (LoadImage's mask) for inpaint."""
     folder.mkdir(parents=True, exist_ok=True)

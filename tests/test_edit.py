@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 
 from zimage_core.checkpoint import CheckpointError
-from zimage_core.edit import EditModel, encode_prompts, prepare_references, reference_latents, segments, siglip_features
+from zimage_core.edit import (
+    EditConditioning,
+    encode_prompts,
+    prepare_references,
+    reference_latents,
+    segments,
+    siglip_features,
+)
 from zimage_core.loaders import load_siglip, load_text_encoder, load_transformer, load_vae
 from zimage_core.pipeline import Models, generate
 from zimage_core.sampling import PATCH, denoise
@@ -90,7 +97,7 @@ def run_both(components, n_images, scale, captions_from_reference=False):
 
     resized, cropped = prepare_references(images, vae.cfg.factor * PATCH)
     refs = reference_latents(vae, cropped)
-    model = EditModel(transformer, refs, siglip_features(siglip, processor, resized))
+    features = siglip_features(siglip, processor, resized)
     if captions_from_reference:  # the reference's own caption features (its first call: prompt, then negative)
         items = [[seg.float() for seg in item] for item in seen[0]["cap_feats"]]
         rows = [torch.cat(item) for item in items]
@@ -102,7 +109,8 @@ def run_both(components, n_images, scale, captions_from_reference=False):
         cond = encode_prompts(encoder, [prompt], n_images)
         uncond = encode_prompts(encoder, [""], n_images) if scale > 0 else None
     shape = (16, *refs[-1].shape[2:])  # the output takes the last reference's size
-    latents = denoise(model, cond, uncond, [seed], steps, scale + 1, shape=shape, factor=vae.cfg.factor)
+    cond = EditConditioning(cond, refs, features)
+    latents = denoise(transformer, cond, uncond, [seed], steps, scale + 1, shape=shape, factor=vae.cfg.factor)
     image = vae.decode(vae.cfg.denormalize(latents.to(vae.dtype))).numpy()  # as the reference: in the VAE's dtype
     return (latents, image), (expected["latent"], expected["np"])
 
@@ -194,6 +202,7 @@ def test_edit_needs_an_omni_transformer_and_siglip(components, tmp_path):
 def test_seed_variety_is_refused_with_edit_conditioning(components):
     _, (transformer, encoder, vae, siglip, processor), _ = components
     resized, cropped = prepare_references(pictures(1), vae.cfg.factor * PATCH)
-    model = EditModel(transformer, reference_latents(vae, cropped), siglip_features(siglip, processor, resized))
+    edit = EditConditioning(encode_prompts(encoder, ["x"], 1), reference_latents(vae, cropped),
+                            siglip_features(siglip, processor, resized))  # fmt: skip
     with pytest.raises(ValueError, match="seed variety"):
-        denoise(model, encode_prompts(encoder, ["x"], 1), None, [0], 2, shape=(16, 8, 8), variety=0.5)
+        denoise(transformer, edit, None, [0], 2, shape=(16, 8, 8), variety=0.5)

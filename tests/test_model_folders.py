@@ -1,4 +1,5 @@
-"""What the loader nodes list from ComfyUI's model folders, and how loaded models are kept."""
+"""What the loader nodes list from ComfyUI's model folders (from the file lists `folder_paths` gives, as
+`nodes/models.py` passes them), and how loaded models are kept."""
 
 import gc
 import os
@@ -8,7 +9,21 @@ from pathlib import Path
 import pytest
 
 from zimage_core.checkpoint import CheckpointError
-from zimage_core.loaders import ModelCache, model_choices, resolve, stamp
+from zimage_core.loaders import ModelCache, model_entries, resolve, stamp
+
+
+def listing(roots: list[Path]) -> list[str]:
+    """Every file under `roots`, relative, with the OS's separators: what ComfyUI's `folder_paths` lists."""
+    return sorted({os.path.relpath(os.path.join(d, f), root) for root in roots for d, _, files in os.walk(root)
+                   for f in files})  # fmt: skip
+
+
+def model_choices(roots: list[Path], component: str) -> dict[str, Path]:
+    return model_entries(roots, listing(roots), component)
+
+
+def resolve_name(roots: list[Path], component: str, name: str) -> Path:
+    return resolve(model_choices(roots, component), name, roots)
 
 
 def touch(path, data=b"x"):
@@ -101,7 +116,7 @@ def test_model_names_cannot_escape_the_model_folders(tmp_path):
     inside = touch(root / "sub" / "z_image_turbo_bf16.safetensors")
     touch(tmp_path / "models" / "vae" / "ae.safetensors")
     touch(tmp_path / "secret.safetensors")
-    assert resolve([root], "transformer", "sub/z_image_turbo_bf16.safetensors") == inside
+    assert resolve_name([root], "transformer", "sub/z_image_turbo_bf16.safetensors") == inside
     for name in (
         "../vae/ae.safetensors",
         "../../secret.safetensors",
@@ -113,5 +128,7 @@ def test_model_names_cannot_escape_the_model_folders(tmp_path):
         ".",
     ):
         with pytest.raises(CheckpointError, match="is not among the models in"):
-            resolve([root], "transformer", name)
+            resolve_name([root], "transformer", name)
     assert all(Path(p).resolve().is_relative_to(root) for p in model_choices([root], "transformer").values())
+    hostile = ["../vae/ae.safetensors", str(tmp_path / "secret.safetensors"), "sub/../../secret.safetensors"]
+    assert list(model_entries([root], hostile, "transformer")) == []  # whatever a listing holds

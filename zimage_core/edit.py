@@ -31,11 +31,34 @@ def segments(prompt: str, n_images: int) -> list[str]:
 
 
 class EditConditioning(NamedTuple):
-    """A prompt with its reference images, ready for an Omni/Edit transformer (see `EditModel`)."""
+    """A prompt with its reference images: what an Omni/Edit transformer is conditioned on. `sampling` takes it
+    where it takes text `Embeddings`, and calls the transformer through `velocity`."""
 
-    text: Embeddings  # the pieces of `segments`, back to back per prompt
+    text: Embeddings  # the pieces of `segments`, back to back per prompt; an item's length is its piece lengths
     refs: list[torch.Tensor]  # clean normalized latents (1, 16, h, w), the output's size is the last one's
-    siglip: list[torch.Tensor]  # SigLIP2 features (Hs, Ws, C) per reference
+    siglip: list[torch.Tensor] | None  # SigLIP2 features (Hs, Ws, C) per reference
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        return self.text.dropped
+
+    def repeat(self, n: int) -> EditConditioning:
+        return self._replace(text=self.text.repeat(n))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> EditConditioning:
+        siglip = [s.to(device, dtype) for s in self.siglip] if self.siglip else None
+        return self._replace(refs=[r.to(device, dtype) for r in self.refs], siglip=siglip)
+
+    def velocity(self, transformer, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, lengths) -> torch.Tensor:
+        """The transformer's prediction for a batch whose caption rows hold these pieces (and, under CFG, the
+        negative's) back to back: split into per-piece batches for `forward_omni`."""
+        pieces = []
+        for k in range(len(lengths[0])):
+            spans = [(sum(item[:k]), item[k]) for item in lengths]
+            longest = max(n for _, n in spans)
+            rows = [F.pad(captions[i, s : s + n], (0, 0, 0, longest - n)) for i, (s, n) in enumerate(spans)]
+            pieces.append((torch.stack(rows), [n for _, n in spans]))
+        return transformer.forward_omni(x, t, pieces, self.refs, self.siglip)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -91,35 +114,3 @@ def siglip_features(model, processor, images: list[Image.Image]) -> list[torch.T
         hidden = model(**inputs).last_hidden_state
         out.append(hidden[0, : rows * cols].reshape(rows, cols, -1).float())
     return out
-
-
-class EditModel:
-    """An Omni transformer with its references bound, called as `sampling.sample` calls a transformer: caption
-    rows hold each item's pieces back to back, and an item's length is the tuple of its piece lengths."""
-
-    def __init__(self, transformer, refs: list[torch.Tensor], siglip: list[torch.Tensor] | None):
-        device = transformer.device
-        self.transformer = transformer
-        self.refs = [r.to(device, transformer.dtype) for r in refs]
-        self.siglip = [s.to(device, transformer.dtype) for s in siglip] if siglip else None
-
-    @property
-    def cfg(self):
-        return self.transformer.cfg
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, lengths) -> torch.Tensor:
-        pieces = []
-        for k in range(len(lengths[0])):
-            spans = [(sum(item[:k]), item[k]) for item in lengths]
-            longest = max(n for _, n in spans)
-            rows = [F.pad(captions[i, s : s + n], (0, 0, 0, longest - n)) for i, (s, n) in enumerate(spans)]
-            pieces.append((torch.stack(rows), [n for _, n in spans]))
-        return self.transformer.forward_omni(x, t, pieces, self.refs, self.siglip)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -563,35 +562,45 @@ LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder, "
 WEIGHTS = (".safetensors", ".sft")
 
 
-def model_choices(roots: list[str | Path], component: str) -> dict[str, Path]:
-    """What a loader offers from model folders `roots`: weight files, and diffusers folders as one entry each.
-
-    Names are relative to their root with `/` separators; the first root holding a name wins.
-    """
+def model_entries(roots: list[Path], names: Iterable[str], component: str) -> dict[str, Path]:
+    """What a loader offers, from the weight files a host lists in its model folders `roots` (names relative to
+    a root, as ComfyUI's `folder_paths` lists them): files, and each diffusers folder once, a pipeline folder only
+    when it has `component`. Names use `/`; the first root holding a name wins, and names in hidden folders or
+    outside the roots are not offered."""
     found: dict[str, Path] = {}
-    for root in map(Path, roots):
-        for folder, dirs, files in os.walk(root, followlinks=True):
-            here = Path(folder)
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            if here != root and ((here / "model_index.json").is_file() or (here / component / "config.json").is_file()):
-                dirs[:] = []  # a pipeline folder: listed when it has this component
-                if (here / component).is_dir():
-                    found.setdefault(here.relative_to(root).as_posix(), here)
-                continue
-            if here != root and (here / "config.json").is_file() and any(f.endswith(WEIGHTS) for f in files):
-                dirs[:] = []  # one diffusers model folder (its shards are not listed one by one)
-                found.setdefault(here.relative_to(root).as_posix(), here)
-                continue
-            for f in sorted(files):
-                if f.endswith(WEIGHTS):
-                    found.setdefault((here / f).relative_to(root).as_posix(), here / f)
+    folders: dict[Path, str | None] = {}  # folder -> "pipeline", "model" or None, each looked at once
+
+    def kind(folder: Path) -> str | None:
+        if folder not in folders:
+            pipeline = (folder / "model_index.json").is_file() or (folder / component / "config.json").is_file()
+            folders[folder] = "pipeline" if pipeline else "model" if (folder / "config.json").is_file() else None
+        return folders[folder]
+
+    for name in names:
+        parts = PurePath(name).parts
+        if not name.endswith(WEIGHTS):
+            continue
+        root = next((r for r in roots if (r / name).is_file()), None)
+        if root is None or ".." in parts or any(p.startswith(".") for p in parts) or PurePath(name).is_absolute():
+            continue
+        entry = parts
+        for depth in range(1, len(parts)):
+            what = kind(root.joinpath(*parts[:depth]))
+            if what == "pipeline":
+                entry = parts[:depth] if (root.joinpath(*parts[:depth]) / component).is_dir() else ()
+                break
+            if what == "model":
+                entry = parts[:depth]
+                break
+        if entry:
+            found.setdefault("/".join(entry), root.joinpath(*entry))
     return dict(sorted(found.items()))
 
 
-def resolve(roots: list[str | Path], component: str, name: str) -> Path:
+def resolve(entries: dict[str, Path], name: str, roots: list[Path]) -> Path:
     """The file or folder a loader's `name` stands for: only a name the folders list, so no name (`../x`, an
     absolute path) reaches outside them."""
-    found = model_choices(roots, component).get(name)
+    found = entries.get(name)
     if found is None:
         where = ", ".join(map(str, roots)) or "no folders"
         raise CheckpointError(f"{name!r} is not among the models in {where}: pick one the loader lists")

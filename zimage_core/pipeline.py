@@ -19,7 +19,7 @@ from transformers import Qwen3Config
 
 from . import limits
 from .checkpoint import CheckpointError
-from .edit import EditModel, encode_prompts, prepare_references, reference_latents, siglip_features
+from .edit import EditConditioning, encode_prompts, prepare_references, reference_latents, siglip_features
 from .loaders import LOADERS, load_siglip
 from .sampling import PATCH, SHIFT, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
@@ -221,11 +221,12 @@ def generate(
             f"{models.transformer}: not an Omni/Edit transformer (it has no SigLIP weights); editing with reference "
             "images needs the Z-Image-Omni or Z-Image-Edit transformer"
         )
-    model = EditModel(transformer, refs, features) if references else transformer
-    latents = denoise(model, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
+    if references:
+        cond = EditConditioning(cond, refs, features)
+    latents = denoise(transformer, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
                       strength=strength, masks=masks if clean is not None else None, variety=variety,
                       variety_steps=variety_steps, factor=vae.cfg.factor, callback=callback, cancelled=cancelled)  # fmt: skip
-    del transformer, model
+    del transformer
     release(device)
     z = vae.cfg.denormalize(latents)  # float32: what a ComfyUI LATENT holds; decode casts to the VAE's dtype
     return Result(vae.decode(z), z.cpu(), cond.dropped)

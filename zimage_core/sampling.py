@@ -9,12 +9,14 @@ Guidance `scale` is diffusers' g (`pred = cond + g * (cond - uncond)`, off at 0)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import limits
+from .edit import EditConditioning
 from .text_encoder import Embeddings
 from .vae import VAEConfig
 
@@ -92,8 +94,8 @@ def batch(*parts: Embeddings) -> tuple[torch.Tensor, list[int]]:
 def sample(
     model,
     latents: torch.Tensor,
-    cond: Embeddings,
-    uncond: Embeddings | None = None,
+    cond: Embeddings | EditConditioning,
+    uncond: Embeddings | EditConditioning | None = None,
     schedule: torch.Tensor | None = None,
     scale: float = 0.0,
     truncation: float = 1.0,
@@ -113,10 +115,16 @@ def sample(
     at the next noise level (clean after the last step), as diffusers' inpaint pipeline does.
     `variety` = (perturbed cond from `vary`, k): the first k evaluations see it instead of `cond`.
     When the 2B guided batch runs out of CUDA memory, cond and uncond run one after the other.
+    With `EditConditioning`, its references condition every evaluation (an edit negative gives only its text).
     """
     schedule = sigmas(8) if schedule is None else schedule
     device, dtype = model.device, model.dtype
     guided = scale > 0 and uncond is not None
+    if isinstance(cond, EditConditioning):
+        model = functools.partial(cond.to(device, dtype).velocity, model)
+        cond = cond.text
+    if isinstance(uncond, EditConditioning):
+        uncond = uncond.text
 
     def prepare(first: Embeddings) -> tuple[torch.Tensor, list[int]]:
         captions, lengths = batch(first, uncond) if guided else batch(first)
@@ -158,8 +166,8 @@ def sample(
 
 def denoise(
     transformer,
-    cond: Embeddings,
-    uncond: Embeddings | None,
+    cond: Embeddings | EditConditioning,
+    uncond: Embeddings | EditConditioning | None,
     seeds: list[int],
     steps: int = 8,
     cfg: float = 1.0,
@@ -185,7 +193,7 @@ def denoise(
     """
     n = len(seeds)
     limits.settings(steps, cfg, strength, shift, variety, variety_steps)
-    if variety > 0 and not all(isinstance(length, int) for length in cond.lengths):
+    if variety > 0 and isinstance(cond, EditConditioning):
         raise ValueError("seed variety varies text conditioning; with edit conditioning set it to 0")
     channels = transformer.cfg.in_channels
     if clean is not None:

@@ -293,6 +293,42 @@ def omni_item(cfg: TransformerConfig, seg_lens: tuple[int, ...], grids: tuple, s
     return item
 
 
+class OmniLayout(NamedTuple):
+    """Everything about an Omni batch that depends only on its shape (see `omni_item`)."""
+
+    items: tuple[OmniItem, ...]
+    img_noisy: torch.Tensor  # (1, N_img, 1) the target's tokens are noisy, the references' clean
+    img_rope: torch.Tensor
+    cap_rope: torch.Tensor
+    sig_rope: torch.Tensor | None
+    rope: torch.Tensor  # the unified sequence: captions, images, SigLIP
+    mask: torch.Tensor | None
+    noisy: torch.Tensor  # (B, S, 1)
+    start: tuple[int, ...]  # where each item's target tokens begin in the unified sequence
+
+
+@functools.lru_cache(maxsize=16)
+def omni_layout(cfg: TransformerConfig, lengths: tuple, grids: tuple, sig_grids: tuple, device) -> OmniLayout:
+    """Position ids, RoPE angles, masks and noisy flags of a batch of Omni items, built once per shape as
+    `layout` is for plain batches."""
+    items = tuple(omni_item(cfg, lens, grids, sig_grids) for lens in lengths)
+    ids, mask = stack_padded([torch.cat([it.cap_ids, it.img_ids, it.sig_ids]) for it in items])
+    noisy = stack_padded([torch.cat([it.cap_noisy, it.img_noisy, it.sig_noisy])[:, None] for it in items])[0]
+    hgt, wid = grids[-1]
+    n = (hgt // cfg.patch_size) * (wid // cfg.patch_size)
+    return OmniLayout(
+        items,
+        items[0].img_noisy.to(device)[None, :, None],
+        angles(cfg, torch.stack([it.img_ids for it in items]), device),
+        angles(cfg, stack_padded([it.cap_ids for it in items])[0], device),
+        angles(cfg, torch.stack([it.sig_ids for it in items]), device) if sig_grids else None,
+        angles(cfg, ids, device),
+        None if mask is None else mask.to(device),
+        noisy.to(device),
+        tuple(len(it.cap_ids) + len(it.img_ids) - padded(n) for it in items),  # the target is the last image
+    )
+
+
 def stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Right-pad sequences (n_i, ...) with zeros into (B, n_max, ...); the key mask, or None when all are equal."""
     longest = max(len(r) for r in rows)
@@ -417,8 +453,8 @@ class ZImageTransformer(nn.Module):
         if any(hgt % p or wid % p for hgt, wid in grids):
             raise ValueError(f"latent sizes {grids} are not all multiples of the patch size {p}")
         sig_grids = tuple(tuple(sg.shape[:2]) for sg in siglip) if siglip else ()
-        lengths = [tuple(int(seg[1][i]) for seg in segments) for i in range(bsz)]
-        items = [omni_item(cfg, lens, grids, sig_grids) for lens in lengths]
+        lengths = tuple(tuple(int(seg[1][i]) for seg in segments) for i in range(bsz))
+        shape = omni_layout(cfg, lengths, grids, sig_grids, x.device)
         dev, dt = x.device, self.dtype
         c = tuple(self.t_embedder(time * cfg.t_scale, dt)[:, None] for time in (t, torch.ones_like(t)))
 
@@ -437,40 +473,29 @@ class ZImageTransformer(nn.Module):
         patches = [patchify(im, p) for im in images]
         img = torch.stack(embed(lambda rows: self.x_embedder(rows.to(dt)).float(), self.x_pad_token,
                                 [[q[i] for q in patches] for i in range(bsz)]))  # fmt: skip
-        img_noisy = items[0].img_noisy.to(dev)[None, :, None]
-        img_rope = angles(cfg, torch.stack([it.img_ids for it in items]), dev)
         for block in self.noise_refiner:
-            img = block(img, img_rope, None, dt, c, img_noisy)
+            img = block(img, shape.img_rope, None, dt, c, shape.img_noisy)
 
         rows = [[seg[0][i, :n] for seg, n in zip(segments, lens)] for i, lens in enumerate(lengths)]
         cap, cap_mask = stack_padded(embed(lambda f: self.project(self.cap_embedder, f), self.cap_pad_token, rows))
-        cap_rope = angles(cfg, stack_padded([it.cap_ids for it in items])[0], dev)
         for block in self.context_refiner:
-            cap = block(cap, cap_rope, cap_mask, dt)
+            cap = block(cap, shape.cap_rope, cap_mask, dt)
 
         sig = None
         if siglip:  # read channel-major, as diffusers reads them; the target's slot holds pad tokens only
             flat = [f.permute(2, 0, 1).reshape(f.shape[0] * f.shape[1], f.shape[2]).to(dev) for f in siglip]
             sig = torch.stack(embed(lambda f: self.project(self.siglip_embedder, f), self.siglip_pad_token,
                                     [[*flat, flat[0][:0]]] * bsz))  # fmt: skip
-            sig_rope = angles(cfg, torch.stack([it.sig_ids for it in items]), dev)
             for block in self.siglip_refiner:
-                sig = block(sig, sig_rope, None, dt)
+                sig = block(sig, shape.sig_rope, None, dt)
 
-        seqs, ids, flags = [], [], []
-        for i, it in enumerate(items):
-            seqs.append(torch.cat([cap[i, : len(it.cap_ids)], img[i], *([sig[i]] if sig is not None else [])]))
-            ids.append(torch.cat([it.cap_ids, it.img_ids, it.sig_ids]))
-            flags.append(torch.cat([it.cap_noisy, it.img_noisy, it.sig_noisy]))
-        seq, mask = stack_padded(seqs)
-        rope = angles(cfg, stack_padded(ids)[0], dev)
-        noisy = stack_padded([f[:, None] for f in flags])[0].to(dev)
+        seq = stack_padded([torch.cat([cap[i, : len(it.cap_ids)], img[i], *([sig[i]] if sig is not None else [])])
+                            for i, it in enumerate(shape.items)])[0]  # fmt: skip
         for block in self.layers:
-            seq = block(seq, rope, mask, dt, c, noisy)
+            seq = block(seq, shape.rope, shape.mask, dt, c, shape.noisy)
 
-        hgt, wid = x.shape[2:]
-        n = (hgt // p) * (wid // p)
-        start = [len(it.cap_ids) + len(it.img_ids) - padded(n) for it in items]  # the target is the last image
-        target = torch.stack([seq[i, s : s + n] for i, s in enumerate(start)])
-        out = self.final_layer(target, c, dt, torch.stack([noisy[i, s : s + n] for i, s in enumerate(start)]))
+        n = (x.shape[2] // p) * (x.shape[3] // p)
+        target = torch.stack([seq[i, s : s + n] for i, s in enumerate(shape.start)])
+        flags = torch.stack([shape.noisy[i, s : s + n] for i, s in enumerate(shape.start)])
+        out = self.final_layer(target, c, dt, flags)
         return unpatchify(out, x.shape, p).to(x.dtype)

@@ -1,0 +1,155 @@
+"""Run by test_server_native.py in a ComfyUI host's own python, from the host's folder (0.8.0 and later: the hosts
+with a native Z-Image). One slice of the real transformer (width 3840, 30 heads, 2 layers and the 2 + 2 refiners,
+so ComfyUI detects it as Z-Image) is written as a ComfyUI single file with seeded random weights, then loaded twice:
+by ComfyUI's own loader (`comfy.sd.load_diffusion_model`, what UNETLoader calls: its NextDiT) and by ours (our
+transformer inside the same host model class). Both run through ComfyUI's KSampler node itself, in fp32, plain and
+with one kohya-named LoRA applied by `comfy.sd.load_lora_for_models` (what LoraLoaderModelOnly calls).
+
+ComfyUI's q/k RMSNorms use torch's default eps where the official model (and ours) uses 1e-5; the native model's
+are set to 1e-5 first, as in our transformer tests. Arguments: the pack's folder, a work folder. Prints one JSON
+line of relative errors (max |ours - native| / max |native|)."""
+
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+pack, work = Path(sys.argv[1]), Path(sys.argv[2])
+sys.argv = sys.argv[:1]
+sys.path.insert(0, ".")
+
+import torch
+from comfy.cli_args import args
+
+args.cpu = not torch.cuda.is_available()  # as the servers run with --cpu
+import comfy.sd
+from safetensors.torch import save_file
+
+import nodes
+
+spec = importlib.util.spec_from_file_location(
+    "zimage_pack", pack / "__init__.py", submodule_search_locations=[str(pack)]
+)
+module = importlib.util.module_from_spec(spec)
+sys.modules["zimage_pack"] = module
+spec.loader.exec_module(module)
+from zimage_pack.nodes.model import load_model
+from zimage_pack.zimage_core.transformer import TransformerConfig, ZImageTransformer
+
+CFG = TransformerConfig(n_layers=2, cap_feat_dim=64)
+SEED, STEPS, LATENT = 21, 4, (1, 16, 8, 12)  # a 64 x 96 image: rows and columns get different RoPE positions
+
+
+def random_weights(cfg: TransformerConfig, seed: int) -> dict:
+    """Every tensor of the layout at a sensible scale (norms around 1, unit-gain linears), in bf16 as released."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ZImageTransformer(cfg).state_dict().items()}
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for name, shape in shapes.items():
+        if "pad_token" in name:
+            w = torch.randn(shape, generator=g)
+        elif "norm" in name or name.startswith("cap_embedder.0"):
+            w = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) >= 2:
+            w = torch.randn(shape, generator=g) * shape[1:].numel() ** -0.5
+        else:
+            w = 0.05 * torch.randn(shape, generator=g)
+        sd[name] = w.to(torch.bfloat16)
+    return sd
+
+
+def kohya_lora(sd: dict, rank: int = 4) -> dict:
+    """A LoRA in kohya's names on the main layers' fused qkv and first FFN projection."""
+    g, lora = torch.Generator().manual_seed(9), {}
+    for key, weight in sd.items():
+        if key.startswith("layers.") and key.endswith(("attention.qkv.weight", "feed_forward.w1.weight")):
+            name = "diffusion_model." + key.removesuffix(".weight")
+            lora[name + ".lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=g) * 0.05
+            lora[name + ".lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=g) * 0.05
+            lora[name + ".alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+class Unmatched(logging.Handler):
+    """Counts ComfyUI's "lora key not loaded" warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record):
+        self.count += "lora key not loaded" in record.getMessage()
+
+
+weights = random_weights(CFG, seed=1)
+path = work / "z_image_slice.safetensors"
+save_file(weights, path)
+lora = kohya_lora(weights)
+cpu = torch.device("cpu")
+
+native = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
+aligned = 0
+for block in native.model.diffusion_model.modules():
+    for norm in (getattr(block, "q_norm", None), getattr(block, "k_norm", None)):
+        if hasattr(norm, "eps"):
+            norm.eps, aligned = CFG.norm_eps, aligned + 1
+ours = load_model(str(path), torch.float32, cpu, cpu)
+
+generator = torch.Generator().manual_seed(5)
+cond = torch.randn(1, 20, CFG.cap_feat_dim, generator=generator)
+positive = [[cond, {"attention_mask": torch.ones(1, cond.shape[1])}]]
+negative = [[torch.zeros_like(cond), {}]]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def ksampler(patcher, sampler_name: str) -> torch.Tensor:
+    latent = {"samples": torch.zeros(LATENT)}
+    (out,) = nodes.KSampler().sample(patcher, SEED, STEPS, 1.0, sampler_name, "simple", positive, negative, latent)
+    return out["samples"].float()
+
+
+def predict(patcher) -> torch.Tensor:
+    x = torch.randn(LATENT, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([0.7]), c_crossattn=cond, num_tokens=cond.shape[1]).float()
+
+
+def with_lora(patcher):
+    handler = Unmatched()
+    logging.getLogger().addHandler(handler)
+    try:
+        return comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0], handler.count
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+native_keys, file_keys = set(native.model.diffusion_model.state_dict()), set(weights)
+result = {
+    "host": importlib.import_module("comfyui_version").__version__,
+    "native_class": type(native.model.diffusion_model).__name__,
+    "native_dtype": str(native.model.get_dtype()),
+    "keys_only_in_file": len(file_keys - native_keys),
+    "keys_only_in_native": len(native_keys - file_keys),
+    "eps_aligned": aligned,
+    "forward": rel(predict(ours), predict(native)),
+}
+for name in ("euler", "res_multistep"):
+    reference = ksampler(native, name)
+    result[name] = rel(ksampler(ours, name), reference)
+    result[f"{name}_scale"] = float(reference.abs().max())
+plain_native, plain_ours = ksampler(native, "euler"), ksampler(ours, "euler")
+(native_lora, native_unmatched), (ours_lora, ours_unmatched) = with_lora(native), with_lora(ours)
+lora_native, lora_ours = ksampler(native_lora, "euler"), ksampler(ours_lora, "euler")
+result |= {
+    "lora_keys": sum(k.endswith(".alpha") for k in lora),
+    "lora_unmatched_native": native_unmatched,
+    "lora_unmatched_ours": ours_unmatched,
+    "lora_change": rel(lora_native, plain_native),
+    "lora": rel(lora_ours, lora_native),
+    "lora_delta": rel(lora_ours - plain_ours, lora_native - plain_native),
+}
+print(json.dumps(result))
