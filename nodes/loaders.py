@@ -3,12 +3,13 @@
 import comfy.model_management as mm
 import comfy.model_patcher
 import torch
+from comfy.cli_args import args
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, stamp, transformer_facts
 from ..zimage_core.text_encoder import TextEncoder
 from ..zimage_core.vae import VAE
-from .model import Direct, HostTransformer, load_model
+from .model import HOST_OPS, Direct, HostTransformer, load_model
 from .models import choices, find
 
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
@@ -25,6 +26,8 @@ DEVICES = {  # (load, offload) per component, as ComfyUI places its own models
     "siglip": (mm.text_encoder_device, mm.text_encoder_offload_device),  # where ComfyUI puts its vision encoders
 }
 DEVICE_CHOICES = ["default", "cpu"]
+TEXT_ENCODER_FLAGS = ("fp8_e4m3fn_text_enc", "fp8_e5m2_text_enc", "fp16_text_enc", "bf16_text_enc", "fp32_text_enc")
+VAE_FLAGS = ("fp16_vae", "bf16_vae", "fp32_vae")
 
 
 class VisionEncoder(torch.nn.Module):
@@ -75,8 +78,9 @@ def transformer_of(patcher, name: str = "model") -> HostTransformer:
 def ready(patcher, name: str, memory: tuple[int, int] | None = None):
     """The model behind input `name` on its device, after ComfyUI made room for it (others may be offloaded).
 
-    The MODEL may be loaded partially, `memory` (wanted, minimum) bytes kept free for activations; its weights
-    then stream in per layer. The other models are small enough to load whole."""
+    The MODEL and the text encoder are built from the host's layers, so ComfyUI may load them partially (for the
+    MODEL keeping `memory` (wanted, minimum) bytes free for activations) and stream the rest in per layer. The
+    VAE and SigLIP2 are small and hold layers the host cannot stream: they load whole."""
     if name == "model":
         transformer = transformer_of(patcher, name)
         wanted, minimum = memory or (0, None)
@@ -85,8 +89,22 @@ def ready(patcher, name: str, memory: tuple[int, int] | None = None):
     kind, loader = KINDS[name]
     expect(name, patcher, comfy.model_patcher.ModelPatcher, f"a {kind} from {loader}")
     expect(name, patcher.model, MODULES[name], f"a {kind} from {loader}")
-    mm.load_models_gpu([patcher], force_full_load=True)
+    mm.load_models_gpu([patcher], force_full_load=name != "text_encoder")
     return patcher.model
+
+
+def compute_dtype(load_device) -> torch.dtype:
+    return torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
+
+
+def flagged(component: str, load_device) -> torch.dtype | None:
+    """The dtype ComfyUI's own flags ask for this component (`--fp16-text-enc`, `--bf16-vae`, ...), if they ask: the
+    host picks it as it does for its own encoders and VAEs (the Flux VAE: bf16 or fp32)."""
+    if component == "text_encoder" and any(getattr(args, f, False) for f in TEXT_ENCODER_FLAGS):
+        return mm.text_encoder_dtype(load_device)
+    if component == "vae" and any(getattr(args, f, False) for f in VAE_FLAGS):
+        return mm.vae_dtype(load_device, [torch.bfloat16, torch.float32])
+    return None
 
 
 def load(component: str, folder: str, name: str, weight_dtype: str, device: str):
@@ -100,19 +118,24 @@ def load(component: str, folder: str, name: str, weight_dtype: str, device: str)
                              "Base's do): choose default, bf16 or fp32")  # fmt: skip
         return CACHE.get(component, path, (weight_dtype, device),
                          lambda: load_model(path, option, load_device, offload_device))  # fmt: skip
+    held = WEIGHT_DTYPES.get(weight_dtype)
     if weight_dtype in DTYPES:
         dtype = DTYPES[weight_dtype]
+    elif (asked := flagged(component, load_device)) is not None:
+        dtype, held = (compute_dtype(load_device), asked) if asked in WEIGHT_DTYPES.values() else (asked, None)
     elif component == "vae":
         dtype = torch.float32  # as the official pipeline runs it
     else:
-        dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
-    extra = {} if component in ("vae", "siglip") else {"weight_dtype": WEIGHT_DTYPES.get(weight_dtype)}
+        dtype = compute_dtype(load_device)
+    extra = {"weight_dtype": held, "ops": HOST_OPS} if component == "text_encoder" else {}
 
     def build():
         if component == "siglip":
             model = VisionEncoder(*load_siglip(path, offload_device, dtype))
         else:
             model = LOADERS[component](path, offload_device, dtype, **extra)
+        if component == "text_encoder":
+            model.load_device = torch.device(load_device)
         return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
     return CACHE.get(component, path, (weight_dtype, device), build)
@@ -139,9 +162,10 @@ def loader(node_id, title, component, folder, output, dtypes, description):
                         "weight_dtype",
                         options=dtypes,
                         default="default",
-                        tooltip="default: as ComfyUI picks for its own models (the transformer follows its "
-                        "--bf16-unet, --fp16-unet, ... flags; the VAE: fp32); fp8 holds the weights in 8 bits; "
-                        "fp16 only for weights that tolerate it (Turbo, not Base).",
+                        tooltip="default: as ComfyUI picks for its own models, its flags first (--fp16-unet, "
+                        "--fp8_e4m3fn-text-enc, --bf16-vae, ...); else bf16 where the device has it (the VAE: "
+                        "fp32). fp8 holds the weights in 8 bits; fp16 only for weights that tolerate it (Turbo, "
+                        "not Base).",
                     ),
                     io.Combo.Input(
                         "device",

@@ -26,7 +26,9 @@ def host_attention(q, k, v, mask):
     )
 
 
-HOST_OPS = Ops(comfy.ops.manual_cast.Linear, comfy.ops.manual_cast.RMSNorm, host_attention)
+HOST_OPS = Ops(
+    comfy.ops.manual_cast.Linear, comfy.ops.manual_cast.RMSNorm, host_attention, comfy.ops.manual_cast.Embedding
+)
 
 
 def inference_dtypes(fp16_ok: bool) -> list[torch.dtype]:
@@ -56,6 +58,9 @@ class HostTransformer(ZImageTransformer):
         return self.load_device or super().device
 
     def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs):
+        if self.cfg.siglip_feat_dim is not None:
+            raise ValueError("this MODEL is an Omni/Edit transformer: ComfyUI's samplers cannot hand it reference "
+                             "images, so sample it with the Z-Image Sampler and Z-Image Edit Conditioning")  # fmt: skip
         lengths = None if attention_mask is None else [int(n) for n in attention_mask.flatten(1).sum(1)]
         return -ZImageTransformer.forward(self, x, 1 - timesteps, context, lengths)
 

@@ -1,7 +1,11 @@
-"""Z-Image Sampler: the references' flow-matching Euler sampling, with ComfyUI's progress, previews and interrupt."""
+"""Z-Image Sampler: the references' flow-matching Euler sampling, with ComfyUI's progress, previews and interrupt;
+or, on request, the sampling of ComfyUI's Turbo template (res_multistep, simple, shift 3) through its own KSampler."""
+
+import importlib
 
 import comfy.latent_formats
 import comfy.model_management as mm
+import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.utils
 import latent_preview
@@ -14,11 +18,34 @@ from ..zimage_core.vae import VAEConfig
 from .loaders import expect, ready, transformer_of
 from .text_encode import from_conditioning
 
+HOST_NODES = importlib.import_module("nodes")  # ComfyUI's own nodes.py (its KSampler), not this package
+OFFICIAL, TEMPLATE = "official", "comfyui_template"  # the sampler's methods
 FLUX = VAEConfig()  # the released VAE's latent scale and shift, as ComfyUI's Flux latent format
 NOT_OMNI = "edit conditioning needs an Omni/Edit transformer (this one has no SigLIP weights); with Turbo or Base, " \
     "edit through img2img or inpaint"  # fmt: skip
 NOT_EDIT = "this is an Omni/Edit transformer: give it Z-Image Edit Conditioning (a prompt with reference images), " \
     "not plain text conditioning"  # fmt: skip
+
+
+class FlowSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+    """Flow sampling with a chosen shift, as ComfyUI's ModelSamplingAuraFlow node builds it."""
+
+
+def template(model, positive, negative, latent, mask, seed, steps, cfg, denoise, shift, shape) -> dict:
+    """ComfyUI's Turbo template on this MODEL: KSampler (res_multistep, simple) with the shift set as
+    ModelSamplingAuraFlow sets it (`comfy_extras/nodes_model_advanced.py`) and, without a negative, the zeroed
+    prompt (ConditioningZeroOut), so the image is the one that template gives."""
+    flow = FlowSampling(model.model.model_config)
+    flow.set_parameters(shift=shift, multiplier=1.0)
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", flow)
+    negative = [[torch.zeros_like(positive[0][0]), {}]] if negative is None else negative
+    latent = {"samples": torch.zeros(shape)} if latent is None else dict(latent)
+    if mask is not None:
+        latent["noise_mask"] = mask
+    (out,) = HOST_NODES.common_ksampler(patched, seed, steps, cfg, "res_multistep", "simple", positive, negative,
+                                        latent, denoise=denoise)  # fmt: skip
+    return {"samples": out["samples"].to(mm.intermediate_device(), torch.float32)}
 
 
 class ZImageSampler(io.ComfyNode):
@@ -124,17 +151,27 @@ class ZImageSampler(io.ComfyNode):
                     tooltip="Seed variety for Turbo: seeded noise on the prompt's features for the "
                     "first 2 steps, so seeds differ in composition (0.3-0.6); 0 = off.",
                 ),
+                io.Combo.Input(
+                    "method",
+                    options=[OFFICIAL, TEMPLATE],
+                    default=OFFICIAL,
+                    optional=True,
+                    tooltip="official: the reference pipelines' Euler, image i from seed + i (the official "
+                    "images). comfyui_template: what ComfyUI's Z-Image Turbo template gives, KSampler's "
+                    "res_multistep on the simple schedule with this shift and KSampler's seeding.",
+                ),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(cls, model, positive, seed, steps, cfg, width, height, batch_size, denoise, shift, variety,
-                negative=None, latent=None, mask=None) -> io.NodeOutput:  # fmt: skip
+                negative=None, latent=None, mask=None, method=OFFICIAL) -> io.NodeOutput:  # fmt: skip
         limits.settings(steps, cfg, denoise, shift, variety, sampling.VARIETY_STEPS)  # before any model moves
         if cfg > 1 and negative is None:
             raise ValueError("cfg > 1 needs a negative prompt: connect a Z-Image Text Encode (an empty text is fine)")
         inner = transformer_of(model)
+        native = positive, negative
         positive = from_conditioning("positive", positive, inner.cfg.cap_feat_dim)
         if negative is not None:
             negative = from_conditioning("negative", negative, inner.cfg.cap_feat_dim)
@@ -160,6 +197,16 @@ class ZImageSampler(io.ComfyNode):
         if edit:  # the output takes the last reference's size unless a latent says otherwise
             shape = (inner.cfg.in_channels, *positive.refs[-1].shape[2:])
         size = shape if clean is None else clean.shape[1:]
+        if method == TEMPLATE:
+            if edit or variety > 0:
+                raise ValueError("method comfyui_template: KSampler sees neither reference images nor seed variety; "
+                                 "use the official method (or variety 0)")  # fmt: skip
+            if mask is not None and latent is None:
+                raise ValueError("a mask needs the latent of the image to inpaint: connect Z-Image VAE Encode's output")
+            return io.NodeOutput(template(model, *native, latent, mask, seed, steps, cfg,
+                                          denoise if latent is not None else 1.0, shift, (len(seeds), *size)))  # fmt: skip
+        if method != OFFICIAL:
+            raise ValueError(f"method: '{method}' is not one of: {OFFICIAL}, {TEMPLATE}")
         memory = comfy.sampler_helpers.estimate_memory(model, (len(seeds), *size), {})  # as KSampler reserves
         transformer = ready(model, "model", memory)
         progress = comfy.utils.ProgressBar(steps)

@@ -1,14 +1,17 @@
-"""Run by test_server_native.py in a ComfyUI host's own python, from the host's folder: our MODEL's prediction
-after a partial load (a third of its size resident, the rest cast per call) against a full load.
+"""Run by test_server_native.py in a ComfyUI host's own python, from the host's folder: our MODEL's prediction, or
+our text encoder's features, after a partial load (a third of its size resident, the rest cast per call) against
+a full load.
 
-Arguments: the pack's folder, the transformer file, optionally a LoRA file. Prints one JSON line."""
+Arguments: the pack's folder, `transformer` or `text_encoder`, the model file, optionally a LoRA file (transformer).
+Prints one JSON line."""
 
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
-pack, weights, lora = Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+pack, kind, weights = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+lora = sys.argv[4] if len(sys.argv) > 4 else None
 sys.argv = sys.argv[:1]
 sys.path.insert(0, ".")
 
@@ -17,6 +20,7 @@ from comfy.cli_args import args
 
 args.cpu = not torch.cuda.is_available()  # as the servers run with --cpu
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 
@@ -26,9 +30,34 @@ spec = importlib.util.spec_from_file_location(
 module = importlib.util.module_from_spec(spec)
 sys.modules["zimage_pack"] = module
 spec.loader.exec_module(module)
-from zimage_pack.nodes.model import load_model
+from zimage_pack.nodes.model import HOST_OPS, load_model
+from zimage_pack.zimage_core.loaders import load_text_encoder
 
 cpu = torch.device("cpu")
+
+
+def lowvram_modules(model) -> int:
+    return sum(hasattr(m, "prev_comfy_cast_weights") for m in model.modules())
+
+
+if kind == "text_encoder":  # the host's layers, its norms in fp32: as transformers' own, streamed or not
+    prompts = ["a lighthouse in a storm", "一只猫"]
+    reference = load_text_encoder(weights, cpu, torch.float32).encode(prompts).features
+    encoder = load_text_encoder(weights, cpu, torch.float32, ops=HOST_OPS)
+    encoder.load_device = cpu
+    patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=cpu, offload_device=cpu)
+    mm.load_models_gpu([patcher], force_full_load=True)
+    full = encoder.encode(prompts).features
+    size, loads = patcher.model_size(), []
+    for budget in (size // 3, size * 3 // 2):  # all streamed; the embedding (most of it) streamed, the rest kept
+        mm.unload_all_models()
+        patcher.load(cpu, lowvram_model_memory=budget)
+        partial = encoder.encode(prompts).features
+        loads.append({"resident": patcher.model.model_loaded_weight_memory, "lowvram_modules": lowvram_modules(encoder),
+                      "max_abs_diff": float((partial - full).abs().max())})  # fmt: skip
+    print(json.dumps({"model_bytes": size, "loads": loads, "scale": float(full.abs().max()),
+                      "host_vs_own": float((full - reference).abs().max())}))  # fmt: skip
+    sys.exit()
 base = load_model(weights, torch.float32, cpu, cpu)
 cfg = base.model.diffusion_model.cfg
 generator = torch.Generator().manual_seed(3)
@@ -52,13 +81,12 @@ mm.unload_all_models()
 size = patcher.model_size()
 patcher.load(cpu, lowvram_model_memory=size // 3)
 partial = predict(patcher)
-modules = list(patcher.model.diffusion_model.modules())
 print(
     json.dumps(
         {
             "model_bytes": size,
             "partial_bytes": patcher.model.model_loaded_weight_memory,
-            "lowvram_modules": sum(hasattr(m, "prev_comfy_cast_weights") for m in modules),
+            "lowvram_modules": lowvram_modules(patcher.model.diffusion_model),
             "max_abs_diff": float((partial - full).abs().max()),
             "scale": float(full.abs().max()),
             "lora_changed": float((full - plain).abs().max()),

@@ -15,7 +15,13 @@ from zimage_core.client import failure
 STEPS, SEED = 4, 21
 
 
-def graph(sampler: str = "native", lora: float | None = None, sampler_name: str = "euler") -> dict:
+def graph(
+    sampler: str = "native",
+    lora: float | None = None,
+    sampler_name: str = "euler",
+    method: str = "official",
+    variety: float = 0.0,
+) -> dict:
     """Our loaders and Text Encode; then KSampler and native VAE Decode, or our sampler (the same schedule:
     ComfyUI's `simple` on shift 3 is the official one) with the same decode. fp32 throughout."""
     width, height = SIZE
@@ -47,7 +53,8 @@ def graph(sampler: str = "native", lora: float | None = None, sampler_name: str 
     else:
         nodes["6"] = {"class_type": "ZImageSampler", "inputs": {
             "model": model, "positive": ["3", 0], "latent": ["5", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0,
-            "width": width, "height": height, "batch_size": 1, "denoise": 1.0, "shift": 3.0, "variety": 0.0}}  # fmt: skip
+            "width": width, "height": height, "batch_size": 1, "denoise": 1.0, "shift": 3.0, "variety": variety,
+            "method": method}}  # fmt: skip
     return nodes
 
 
@@ -74,6 +81,26 @@ def test_every_native_sampler_runs_our_model(server, client):
         assert other.std() > 1 and np.abs(other - euler).mean() > 0.1, name
 
 
+def test_our_sampler_gives_comfyuis_turbo_template_image_on_request(server, client):
+    """method comfyui_template: our sampler gives what KSampler (res_multistep, simple, shift 3, ConditioningZeroOut
+    negative) gives, and refuses what KSampler cannot do (seed variety) by name."""
+    template = image(server, client, graph("ours", method="comfyui_template"))
+    native = image(server, client, graph("native", sampler_name="res_multistep"))
+    official = image(server, client, graph("ours"))
+    assert template.std() > 1 and np.abs(template - native).max() <= 1, np.abs(template - native).max()
+    assert np.abs(template - official).mean() > 0.1
+    entry = run(client, graph("ours", method="comfyui_template", variety=0.5))
+    assert "method comfyui_template" in failure(entry)["exception_message"]
+
+
+def test_native_samplers_refuse_an_omni_model_by_name(server, client):
+    """KSampler cannot carry reference images: an Omni/Edit MODEL under it fails naming the node to use."""
+    nodes = graph("native")
+    nodes["1"]["inputs"]["name"] = "z_image_omni_bf16.safetensors"
+    error = failure(run(client, nodes))
+    assert error["node_type"] == "KSampler" and "Z-Image Sampler" in error["exception_message"], error
+
+
 def test_native_lora_loader_patches_our_model_and_both_samplers_see_it(server, client):
     """LoraLoaderModelOnly maps every key of a kohya-named LoRA onto our MODEL (no "lora key not loaded"), the
     image changes, both samplers give the patched model's image, and the unpatched model comes back after."""
@@ -92,7 +119,7 @@ def test_a_partial_load_gives_the_full_loads_output(server, models, lora):
     """In the host's own process: our MODEL loaded with a budget a third of its size (ComfyUI casts the other
     modules per call) predicts what the full load predicts, with and without a LoRA patched in."""
     script = ROOT / "tests" / "partial_load.py"
-    args = [server.python, str(script), str(ROOT), str(models / "transformer.safetensors")]
+    args = [server.python, str(script), str(ROOT), "transformer", str(models / "transformer.safetensors")]
     if lora:
         args.append(str(models / "lora.safetensors"))
     done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
@@ -102,6 +129,37 @@ def test_a_partial_load_gives_the_full_loads_output(server, models, lora):
     assert result["max_abs_diff"] <= 1e-5 * result["scale"], result
     if lora:
         assert result["lora_changed"] > 1e-3 * result["scale"], result
+
+
+def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server, models):
+    """Our text encoder from the host's layers (its Linear, Embedding and RMSNorm), loaded partially (the host
+    streaming the rest per call) at two budgets, encodes as the full load does, and as our own layers do."""
+    script = ROOT / "tests" / "partial_load.py"
+    args = [server.python, str(script), str(ROOT), "text_encoder", str(models / "text_encoder.safetensors")]
+    done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(load["lowvram_modules"] > 0 and load["resident"] < result["model_bytes"] for load in result["loads"])
+    assert any(load["resident"] > 0 for load in result["loads"]), result
+    assert max(load["max_abs_diff"] for load in result["loads"]) <= 1e-5 * result["scale"], result
+    assert result["host_vs_own"] <= 1e-5 * result["scale"], result
+
+
+def test_comfyuis_dtype_flags_choose_our_loaders_default_dtypes(server, models):
+    """--fp16-text-enc, --fp8_e4m3fn-text-enc, --bf16-vae: our loaders' `default` holds the weights in what the host
+    picks for its own models under the same flags (fp8: the weights, with the layers' own compute dtype)."""
+    script = ROOT / "tests" / "dtype_flags.py"
+    seen = {}
+    for flags in ((), ("fp16_text_enc", "bf16_vae"), ("fp8_e4m3fn_text_enc", "fp32_vae")):
+        done = subprocess.run([server.python, str(script), str(ROOT), str(models), *flags], cwd=server.host,
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen[flags] = result = json.loads(done.stdout.strip().splitlines()[-1])
+        for component, picked in result.items():
+            if flags:  # without flags ours are fp32 on CPU (the official dtype), the host's fp16 for encoders
+                assert picked["host"] in picked["ours"], (flags, component, picked)
+    assert seen[("fp16_text_enc", "bf16_vae")]["vae"]["ours"] == ["torch.bfloat16"]
+    assert seen[()]["text_encoder"]["ours"] == seen[()]["vae"]["ours"] == ["torch.float32"]
 
 
 @pytest.mark.hosts("0.33.0", "0.8.0")

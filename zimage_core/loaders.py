@@ -496,6 +496,7 @@ def load_text_encoder(
     weight_dtype: torch.dtype | None = None,
     config: dict | None = None,
     tokenizer: str | Path | None = None,
+    ops: Ops = DEFAULT,
 ) -> TextEncoder:
     """Load Z-Image's Qwen3 text encoder from a diffusers folder or a single file (bf16 or fp8), ready to encode.
 
@@ -511,7 +512,7 @@ def load_text_encoder(
         tok = load_tokenizer(folder or BUNDLED_TOKENIZER)
         used = Qwen3Config(**dict(cfg, num_hidden_layers=n_layers - 1), sliding_window=None, attn_implementation="sdpa")
         with torch.device("meta"):
-            model = TextEncoder(used, tok)
+            model = TextEncoder(used, tok, ops)
         source = "inferred from the tensors" if config is None and ckpt.config is None else "config.json"
         described = (
             f"a Qwen3 text encoder with hidden size {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "

@@ -59,6 +59,7 @@ class Ops(NamedTuple):
     Linear: type = Linear
     RMSNorm: type = RMSNorm
     attention: Callable = attention
+    Embedding: type = nn.Embedding
 
 
 DEFAULT = Ops()

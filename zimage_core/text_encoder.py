@@ -21,9 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from .ops import Linear
+from .ops import DEFAULT, Ops
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +86,42 @@ class Embeddings(NamedTuple):
         return Embeddings(self.features.expand(n, -1, -1), self.lengths * n, self.dropped * n)
 
 
+def fp32_norm(norm: type) -> type:
+    """`norm` computing on fp32 input and giving back its input's dtype, as transformers' Qwen3RMSNorm does."""
+
+    class Norm(norm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.float()).to(x.dtype)
+
+    return Norm
+
+
 class TextEncoder(nn.Module):
     """Qwen3's embedding and decoder layers up to the one Z-Image reads, with its tokenizer in front.
 
     `config` gives the layers to build: one fewer than the language model has, since the references take
     `hidden_states[-2]`. Build it on the meta device and fill it (`loaders.load_text_encoder`).
+    The layers holding weights come from `ops` (so fp8 Linears dequantize per call; inside ComfyUI the host's,
+    which it can stream from the offload device); the norms stay transformers' own unless `ops` brings its own.
     """
 
-    def __init__(self, config: Qwen3Config, tokenizer):
+    load_device: torch.device | None = None  # where it runs, when its host may leave weights elsewhere
+
+    def __init__(self, config: Qwen3Config, tokenizer, ops: Ops = DEFAULT):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = Qwen3Model(config)
         self.model.norm = nn.Identity()  # the layer taken is read before the final norm
-        for module in list(self.model.modules()):  # Linear layers that can hold fp8 weights and dequantize per call
+        norm = None if ops.RMSNorm is DEFAULT.RMSNorm else fp32_norm(ops.RMSNorm)
+        for module in list(self.model.modules()):
             for name, child in module.named_children():
                 if type(child) is nn.Linear:
-                    setattr(module, name, Linear(child.in_features, child.out_features, bias=child.bias is not None))
+                    bias = child.bias is not None
+                    setattr(module, name, ops.Linear(child.in_features, child.out_features, bias=bias))
+                elif type(child) is nn.Embedding:
+                    setattr(module, name, ops.Embedding(child.num_embeddings, child.embedding_dim, child.padding_idx))
+                elif type(child) is Qwen3RMSNorm and norm is not None:
+                    setattr(module, name, norm(child.weight.shape[0], eps=child.variance_epsilon))
 
     def reset_rope(self, device: torch.device):
         """RoPE frequencies are computed, not loaded: rebuild them on `device` after a meta-device build."""
@@ -125,6 +145,7 @@ class TextEncoder(nn.Module):
         `template` wraps each prompt ("{}": the text as it is, for Omni's pieces of the template)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tokens = tokenize(self.tokenizer, prompts, max_length, template)
-        device = self.model.embed_tokens.weight.device
+        device = self.load_device or self.model.embed_tokens.weight.device
+        self.model.rotary_emb.to(device)  # a buffer the host does not move when it streams the weights
         features = self(tokens.ids.to(device), tokens.lengths)
         return Embeddings(features, tokens.lengths, tokens.dropped)
