@@ -6,7 +6,7 @@ from .edit import ZImageEditConditioning
 from .loaders import ZImageSigLIPLoader, ZImageTextEncoderLoader, ZImageTransformerLoader, ZImageVAELoader
 from .sampler import ZImageSampler
 from .text_encode import ZImageTextEncode
-from .vae import ZImageVAEDecode, ZImageVAEEncode
+from .vae import ZImageVAEDecode, ZImageVAEEncode, ZImageVAEToVAE
 
 NODES = [
     ZImageTransformerLoader,
@@ -18,6 +18,7 @@ NODES = [
     ZImageSampler,
     ZImageVAEDecode,
     ZImageVAEEncode,
+    ZImageVAEToVAE,
 ]
 
 

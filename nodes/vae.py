@@ -1,11 +1,12 @@
 """Z-Image VAE Decode / Encode: ComfyUI's IMAGE and LATENT (the autoencoder's own latents, as native nodes hold)."""
 
 import comfy.model_management as mm
+import comfy.sd
 import torch
 from comfy_api.v0_0_2 import io
 
 from ..zimage_core.sampling import PATCH
-from ..zimage_core.vae import crop_to
+from ..zimage_core.vae import VAE, crop_to
 from .loaders import ZImageVAE, check_choices, expect, ready
 
 TILED = {"auto": None, "on": True, "off": False}
@@ -65,3 +66,22 @@ class ZImageVAEEncode(TiledNode):
         model = ready(vae, "vae")
         images = crop_to(expect("pixels", pixels, torch.Tensor, "an IMAGE")[..., :3], model.cfg.factor * PATCH)
         return io.NodeOutput({"samples": model.encode(images, tiled=TILED[tiled]).to(mm.intermediate_device())})
+
+
+class ZImageVAEToVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageVAEToVAE",
+            display_name="Z-Image VAE to VAE",
+            category="Z-Image/loaders",
+            description="The same VAE (its weights and dtype) as ComfyUI's own VAE, for native nodes that take "
+            "one: VAE Decode/Encode (Tiled), inpaint conditioning, detailers.",
+            inputs=[ZImageVAE.Input("vae", tooltip="From Z-Image VAE Loader.")],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae) -> io.NodeOutput:
+        model = expect("vae", getattr(vae, "model", None), VAE, "a Z-Image VAE from Z-Image VAE Loader")
+        return io.NodeOutput(comfy.sd.VAE(sd=model.bfl_state_dict(), dtype=model.dtype))

@@ -3,30 +3,18 @@ set, our loaders' `default` holds the weights in the dtypes the host picks for i
 (`mm.text_encoder_dtype`, `mm.vae_dtype`). Arguments: the pack's folder, the models folder, then the flags set, as
 `args` names (`fp16_text_enc`). Prints one JSON line: per component our held dtypes and the host's pick."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from in_host import setup
+
 pack, models, flags = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-sys.argv = sys.argv[:1]
-sys.path.insert(0, ".")
+setup(pack, tuple(flags))
 
-import torch
-from comfy.cli_args import args
-
-args.cpu = not torch.cuda.is_available()  # as the servers run with --cpu
-for flag in flags:
-    setattr(args, flag, True)
 import comfy.model_management as mm
 import folder_paths
-
-spec = importlib.util.spec_from_file_location(
-    "zimage_pack", pack / "__init__.py", submodule_search_locations=[str(pack)]
-)
-module = importlib.util.module_from_spec(spec)
-sys.modules["zimage_pack"] = module
-spec.loader.exec_module(module)
+import torch
 from zimage_pack.nodes.loaders import load
 
 for folder in ("text_encoders", "vae"):

@@ -9,33 +9,24 @@ ComfyUI's q/k RMSNorms use torch's default eps where the official model (and our
 are set to 1e-5 first, as in our transformer tests. Arguments: the pack's folder, a work folder. Prints one JSON
 line of relative errors (max |ours - native| / max |native|)."""
 
-import importlib.util
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 
+from in_host import setup
+
 pack, work = Path(sys.argv[1]), Path(sys.argv[2])
-sys.argv = sys.argv[:1]
-sys.path.insert(0, ".")
+setup(pack)
 
-import torch
-from comfy.cli_args import args
-
-args.cpu = not torch.cuda.is_available()  # as the servers run with --cpu
 import comfy.sd
+import torch
 from safetensors.torch import save_file
-
-import nodes
-
-spec = importlib.util.spec_from_file_location(
-    "zimage_pack", pack / "__init__.py", submodule_search_locations=[str(pack)]
-)
-module = importlib.util.module_from_spec(spec)
-sys.modules["zimage_pack"] = module
-spec.loader.exec_module(module)
 from zimage_pack.nodes.model import load_model
 from zimage_pack.zimage_core.transformer import TransformerConfig, ZImageTransformer
+
+import nodes
 
 CFG = TransformerConfig(n_layers=2, cap_feat_dim=64)
 SEED, STEPS, LATENT = 21, 4, (1, 16, 8, 12)  # a 64 x 96 image: rows and columns get different RoPE positions

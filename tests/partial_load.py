@@ -5,31 +5,21 @@ a full load.
 Arguments: the pack's folder, `transformer` or `text_encoder`, the model file, optionally a LoRA file (transformer).
 Prints one JSON line."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from in_host import setup
+
 pack, kind, weights = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 lora = sys.argv[4] if len(sys.argv) > 4 else None
-sys.argv = sys.argv[:1]
-sys.path.insert(0, ".")
+setup(pack)
 
-import torch
-from comfy.cli_args import args
-
-args.cpu = not torch.cuda.is_available()  # as the servers run with --cpu
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.utils
-
-spec = importlib.util.spec_from_file_location(
-    "zimage_pack", pack / "__init__.py", submodule_search_locations=[str(pack)]
-)
-module = importlib.util.module_from_spec(spec)
-sys.modules["zimage_pack"] = module
-spec.loader.exec_module(module)
+import torch
 from zimage_pack.nodes.model import HOST_OPS, load_model
 from zimage_pack.zimage_core.loaders import load_text_encoder
 

@@ -23,7 +23,7 @@ from zimage_core.pipeline import Models, generate
 
 OUR_NODES = [
     "ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
-    "ZImageVAEDecode", "ZImageVAEEncode", "ZImageSigLIPLoader", "ZImageEditConditioning",
+    "ZImageVAEDecode", "ZImageVAEEncode", "ZImageSigLIPLoader", "ZImageEditConditioning", "ZImageVAEToVAE",
 ]  # fmt: skip
 
 

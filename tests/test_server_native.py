@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from comfyui import REPORT, ROOT, SIZE, run, saved, write_full_qwen3, write_wide_caption_transformer
+from PIL import Image
 
 from zimage_core.client import failure
 
@@ -93,6 +94,29 @@ def test_our_sampler_gives_comfyuis_turbo_template_image_on_request(server, clie
     assert "method comfyui_template" in failure(entry)["exception_message"]
 
 
+def test_our_vae_converts_to_comfyuis_vae_without_loss(server, client):
+    """Z-Image VAE to VAE: native VAE Decode with the converted VAE gives the image native VAE Decode gives with
+    ComfyUI's own VAELoader on the same file, and our decoder's within 2/255."""
+    nodes = graph("ours")
+    nodes |= {
+        "11": {"class_type": "ZImageVAELoader", "inputs": {"name": "ae.safetensors", "weight_dtype": "default",
+                                                            "device": "default"}},
+        "12": {"class_type": "ZImageVAEToVAE", "inputs": {"vae": ["11", 0]}},
+        "13": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["12", 0]}},
+        "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "converted"}},
+        "15": {"class_type": "ZImageVAEDecode", "inputs": {"vae": ["11", 0], "samples": ["6", 0], "tiled": "off"}},
+        "16": {"class_type": "SaveImage", "inputs": {"images": ["15", 0], "filename_prefix": "ours_decode"}},
+    }  # fmt: skip
+    entry = run(client, nodes)
+    assert failure(entry) is None, failure(entry)
+    native, converted, ours = (
+        np.asarray(Image.open(server.base / "output" / ref["subfolder"] / ref["filename"])).astype(int)
+        for ref in (entry["outputs"][i]["images"][0] for i in ("9", "14", "16"))
+    )
+    assert native.std() > 1 and np.abs(converted - native).max() <= 1, np.abs(converted - native).max()
+    assert np.abs(ours - native).max() <= 2, np.abs(ours - native).max()
+
+
 def test_native_samplers_refuse_an_omni_model_by_name(server, client):
     """KSampler cannot carry reference images: an Omni/Edit MODEL under it fails naming the node to use."""
     nodes = graph("native")
@@ -139,8 +163,9 @@ def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server
     done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert all(load["lowvram_modules"] > 0 and load["resident"] < result["model_bytes"] for load in result["loads"])
-    assert any(load["resident"] > 0 for load in result["loads"]), result
+    third, _ = result["loads"]  # budgets: a third of the size, and 1.5 times it (hosts decide differently)
+    assert third["lowvram_modules"] > 0 and third["resident"] < result["model_bytes"] / 3, result
+    assert any(load["lowvram_modules"] > 0 and load["resident"] > 0 for load in result["loads"]), result
     assert max(load["max_abs_diff"] for load in result["loads"]) <= 1e-5 * result["scale"], result
     assert result["host_vs_own"] <= 1e-5 * result["scale"], result
 

@@ -210,6 +210,11 @@ class VAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
 
+    def bfl_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under `ae.safetensors`' names and shapes (BFL's, which ComfyUI's VAE reads): the attention
+        projections as the 1x1 convolutions they are there."""
+        return {k: v[..., None, None] if v.dim() == 2 else v for k, v in self.state_dict().items()}
+
     @torch.no_grad()
     def encode(
         self,
