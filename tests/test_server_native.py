@@ -82,6 +82,34 @@ def test_every_native_sampler_runs_our_model(server, client):
         assert other.std() > 1 and np.abs(other - euler).mean() > 0.1, name
 
 
+def test_sampler_custom_advanced_and_model_sampling_aura_flow_drive_our_model(server, client):
+    """SamplerCustomAdvanced (RandomNoise, BasicGuider, KSamplerSelect euler, BasicScheduler simple) behind
+    ModelSamplingAuraFlow at our shift gives KSampler's image; another shift gives another image."""
+
+    def custom(shift: float) -> dict:
+        nodes = graph("native")
+        nodes |= {
+            "20": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": shift}},
+            "21": {"class_type": "BasicGuider", "inputs": {"model": ["20", 0], "conditioning": ["3", 0]}},
+            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "23": {"class_type": "BasicScheduler",
+                   "inputs": {"model": ["20", 0], "scheduler": "simple", "steps": STEPS, "denoise": 1.0}},
+            "24": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+            "6": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["24", 0], "guider": ["21", 0], "sampler": ["22", 0], "sigmas": ["23", 0],
+                "latent_image": ["5", 0]}},
+        }  # fmt: skip
+        return nodes
+
+    ksampler, same, shifted = (
+        image(server, client, graph("native")),
+        image(server, client, custom(3.0)),
+        image(server, client, custom(6.0)),
+    )
+    assert ksampler.std() > 1 and np.abs(same - ksampler).max() <= 1, np.abs(same - ksampler).max()
+    assert np.abs(shifted - ksampler).mean() > 0.1
+
+
 def test_our_sampler_gives_comfyuis_turbo_template_image_on_request(server, client):
     """method comfyui_template: our sampler gives what KSampler (res_multistep, simple, shift 3, ConditioningZeroOut
     negative) gives, and refuses what KSampler cannot do (seed variety) by name."""
