@@ -24,7 +24,7 @@ host = {"text_encoder": mm.text_encoder_dtype(cpu), "vae": mm.vae_dtype(cpu, [to
 result = {}
 for component, folder, name in (("text_encoder", "text_encoders", "text_encoder.safetensors"),
                                 ("vae", "vae", "vae.safetensors")):  # fmt: skip
-    patcher = load(component, folder, name, "default", "default")
+    patcher = load(component, folder, name, "default", "cpu")  # the host's picks above are the CPU's too
     result[component] = {"ours": sorted({str(p.dtype) for p in patcher.model.parameters()}),
                          "host": str(host[component])}  # fmt: skip
 print(json.dumps(result))
