@@ -240,8 +240,10 @@ def test_pickles_gguf_and_unsupported_quantization_are_refused(sd, tmp_path):
         (tmp_path / name).write_bytes(b"whatever")
         expect_error(tmp_path / name, name, fragment)
     tensors = dict(to_comfy(sd))
-    tensors["layers.0.attention.qkv.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
-    expect_error(write_file(tmp_path / "q.safetensors", tensors), "layers.0.attention.qkv", "'nvfp4'", "fp8")
+    tensors["layers.0.attention.qkv.comfy_quant"] = torch.tensor(
+        list(b'{"format": "asym_w4a8_int8"}'), dtype=torch.uint8
+    )
+    expect_error(write_file(tmp_path / "q.safetensors", tensors), "layers.0.attention.qkv", "'asym_w4a8_int8'", "nvfp4")
 
 
 def test_folder_without_weights(tmp_path):

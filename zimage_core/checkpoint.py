@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .quant import FP8, Format, dequantize
+
 
 class CheckpointError(Exception):
     """A file or folder that cannot be loaded; the message names it and says what to do."""
@@ -33,11 +35,10 @@ class CheckpointError(Exception):
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }  # fmt: skip
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 SHARD = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
 
@@ -263,43 +264,75 @@ def looks_like(names) -> str:
     return "an unknown model"
 
 
-# Tensors that say how fp8 weights are scaled: read with their weights, never parameters themselves.
-QUANT_AUX = re.compile(r"(\.(weight_scale|scale_weight|input_scale|scale_input|comfy_quant)|(^|\.)scaled_fp8)$")
+# Tensors that say how quantized weights are stored: read with their weights, never parameters themselves.
+QUANT_AUX = re.compile(
+    r"(\.(weight_scale|weight_scale_2|scale_weight|input_scale|scale_input|pre_quant_scale|comfy_quant)"
+    r"|(^|\.)scaled_fp8)$"
+)
 
 
 # ---- building a model from a checkpoint ----
 
 
-def quant_scales(ckpt: Checkpoint) -> dict[str, str]:
-    """weight name -> its scale tensor's name, after checking every quantized layer's format is one we run."""
+@dataclass(frozen=True)
+class Stored:
+    """How one quantized weight is stored: its format (None: fp8 times `scale`) and its scale tensors' names."""
+
+    fmt: Format | None
+    label: str
+    scale: str | None
+    scale_2: str | None = None
+
+
+def quant_layers(ckpt: Checkpoint) -> dict[str, dict]:
+    """layer -> its `comfy_quant` entry, from the header's `_quantization_metadata` and per-layer tensors."""
     layers = {}
     meta = ckpt.metadata.get("_quantization_metadata")
     if meta:
         try:
             layers = dict(json.loads(meta)["layers"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path}: unreadable _quantization_metadata ({e!r}).") from None
     for name in ckpt.names:
         if name.endswith(".comfy_quant"):
-            conf = bytes(ckpt.read(name).tolist()).decode("utf-8", "replace")
+            conf = bytes(ckpt.read(name).view(torch.uint8).tolist()).decode("utf-8", "replace")
             ckpt.release(name)
             try:
-                layers[name[: -len(".comfy_quant")]] = json.loads(conf)
+                layers[name.removesuffix(".comfy_quant")] = json.loads(conf)
             except json.JSONDecodeError:
                 raise CheckpointError(f"{ckpt.path}: {name} is not valid JSON: {conf!r}.") from None
-    for layer, conf in layers.items():
-        fmt = conf.get("format") if isinstance(conf, dict) else conf
-        if fmt not in ("float8_e4m3fn", "float8_e5m2"):
+    return layers
+
+
+def stored_weights(ckpt: Checkpoint) -> dict[str, Stored]:
+    """weight name -> how it is stored, for every quantized weight, after checking each is complete."""
+    names, stored = set(ckpt.names), {}
+    for layer, conf in quant_layers(ckpt).items():
+        try:
+            fmt = Format.parse(conf, f"layer {layer}")
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        weight, scale = f"{layer}.weight", f"{layer}.weight_scale"
+        scale_2 = f"{layer}.weight_scale_2" if fmt.name == "nvfp4" else None
+        needed = [n for n in (weight, scale, scale_2) if n and n not in names]
+        if needed:
             raise CheckpointError(
-                f"{ckpt.path}: layer {layer} is quantized as {fmt!r}; only fp8 (float8_e4m3fn, float8_e5m2) "
-                "checkpoints are supported. Use the bf16 or an fp8 file."
+                f"{ckpt.path}: layer {layer} ({fmt.label}) lacks {', '.join(needed)}. Re-download it."
             )
-    scales = {}
-    for name in ckpt.names:
-        for suffix in (".weight_scale", ".scale_weight"):
-            if name.endswith(suffix):
-                scales[name[: -len(suffix)] + ".weight"] = name
-    return scales
+        if f"{layer}.pre_quant_scale" in names:
+            raise CheckpointError(f"{ckpt.path}: layer {layer} has an AWQ pre_quant_scale, which we do not apply.")
+        if ckpt.dtype(weight).itemsize != fmt.storage.itemsize:
+            raise CheckpointError(f"{ckpt.path}: {weight} is {ckpt.dtype(weight)}, not {fmt.label} ({fmt.storage}).")
+        if fmt.name.startswith("float8"):
+            stored[weight] = Stored(None, f"fp8 ({fmt.name}), ComfyUI quantized", scale)
+        else:
+            stored[weight] = Stored(fmt, fmt.label, scale, scale_2)
+    for name in names:
+        for suffix, label in ((".scale_weight", "fp8, scaled (scaled_fp8)"), (".weight_scale", "fp8, scaled")):
+            weight = name.removesuffix(suffix) + ".weight"
+            if name.endswith(suffix) and weight not in stored:
+                stored[weight] = Stored(None, label, name)
+    return stored
 
 
 def dtype_summary(ckpt: Checkpoint) -> dict[str, int]:
@@ -307,12 +340,17 @@ def dtype_summary(ckpt: Checkpoint) -> dict[str, int]:
 
 
 def quantization(ckpt: Checkpoint) -> str:
-    fp8 = any(ckpt.dtype(n) in FP8 for n in ckpt.names)
-    if "_quantization_metadata" in ckpt.metadata or any(n.endswith(".comfy_quant") for n in ckpt.names):
-        return "fp8, ComfyUI quantized (weight_scale + comfy_quant)"
-    if any(n.endswith("scaled_fp8") for n in ckpt.names):
-        return "fp8, scaled (scaled_fp8 + scale_weight)"
-    return "fp8" if fp8 else "none"
+    """Each storage form and the groups of layers in it (`layers.N.` as `layers.*.`), for `inspect`."""
+    stored = stored_weights(ckpt)
+    groups: dict[str, set] = {}
+    for name in ckpt.names:
+        if name.endswith(".weight") and len(ckpt.shape(name)) >= 2:
+            label = stored[name].label if name in stored else ("fp8" if ckpt.dtype(name) in FP8 else "")
+            groups.setdefault(label, set()).add(re.sub(r"\.\d+\.", ".*.", name.removesuffix(".weight")))
+    if set(groups) <= {""}:
+        return "none"
+    order = sorted(groups, key=lambda g: (g == "", -len(groups[g])))
+    return "; ".join(f"{g or 'not quantized'}: {', '.join(sorted(groups[g]))}" for g in order)
 
 
 def squeezed(shape) -> tuple[int, ...]:
@@ -322,11 +360,11 @@ def squeezed(shape) -> tuple[int, ...]:
 def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtype=None, expected_as=""):
     """Replace every meta parameter by real memory on `device` holding the checkpoint's values.
 
-    Linear weights stored in fp8 stay fp8; their scale is kept for a Linear that applies it per call (ours,
-    `ops.Linear`), else applied here. With `weight_dtype` fp8, other Linear weights are cast to it; everything
-    else becomes `dtype`. Sources listed together are stacked along dim 0.
+    Quantized Linear weights stay compact with their scales, for a Linear that dequantizes per call (ours,
+    `ops.Linear`); for any other layer they are dequantized here. With `weight_dtype` fp8, other Linear weights
+    are cast to it; everything else becomes `dtype`. Sources listed together are stacked along dim 0.
     """
-    scales = quant_scales(ckpt)
+    stored = stored_weights(ckpt)
     expected = dict(model.named_parameters())
     missing = [n for n in expected if n not in sources]
     unexpected = [src for n, srcs in sources.items() if n not in expected for src in srcs]
@@ -336,10 +374,18 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         raise CheckpointError(f"{ckpt.path}: tensors do not match {expected_as}: {'; '.join(parts)}.")
     wrong = []
     for name, p in expected.items():
-        shapes = [ckpt.shape(s) for s in sources[name]]
+        srcs = sources[name]
+        packed = [stored[s].fmt for s in srcs if s in stored and stored[s].fmt]
+        if packed:
+            fits = len(srcs) == 1 and packed[0].fits(ckpt.shape(srcs[0]), tuple(p.shape))
+            if not fits:
+                wrong.append(f"{' + '.join(srcs)} ({packed[0].label}) is {' + '.join(str(ckpt.shape(s)) for s in srcs)}, "
+                             f"expected {tuple(p.shape)}")  # fmt: skip
+            continue
+        shapes = [ckpt.shape(s) for s in srcs]
         got = (sum(s[0] for s in shapes), *shapes[0][1:]) if all(s[1:] == shapes[0][1:] for s in shapes) else None
         if got is None or squeezed(got) != squeezed(p.shape):  # (C, C, 1, 1) 1x1-conv weights fill (C, C) Linears
-            wrong.append(f"{' + '.join(sources[name])} is {' + '.join(map(str, shapes))}, expected {tuple(p.shape)}")
+            wrong.append(f"{' + '.join(srcs)} is {' + '.join(map(str, shapes))}, expected {tuple(p.shape)}")
     if wrong:
         raise CheckpointError(
             f"{ckpt.path}: {len(wrong)} tensors have the wrong shape for {expected_as}, first: {'; '.join(wrong[:3])}."
@@ -350,6 +396,10 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         owner, leaf = name.rpartition(".")[::2]
         module = modules[owner]
         srcs = sources[name]
+        compact = leaf == "weight" and hasattr(module, "quant")  # ours, `ops.Linear`
+        if srcs[0] in stored and stored[srcs[0]].fmt:
+            fill_packed(module, leaf, tuple(p.shape), ckpt, srcs[0], stored[srcs[0]], device, dtype, compact)
+            continue
         is_linear_weight = isinstance(module, nn.Linear) and leaf == "weight"
         src_dtypes = {ckpt.dtype(s) for s in srcs}
         if is_linear_weight and len(src_dtypes) == 1 and src_dtypes <= set(FP8):
@@ -358,15 +408,15 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
             held = weight_dtype
         else:
             held = dtype
-        scaled = held in FP8 and any(s in scales for s in srcs)
-        if scaled and not hasattr(module, "weight_scale"):
+        scaled = held in FP8 and any(s in stored for s in srcs)
+        if scaled and not compact:
             held, scaled = dtype, False  # a host Linear knows no per-row scale: the weight is held dequantized
         out = torch.empty(p.shape, dtype=held, device=device)
         row_scale = torch.ones(p.shape[0], 1) if scaled else None
         row = 0
         for src in srcs:
             t = ckpt.read(src)
-            scale = ckpt.read(scales[src]).float().reshape(-1, *[1] * (t.dim() - 1)) if src in scales else None
+            scale = stored.get(src) and ckpt.read(stored[src].scale).float().reshape(-1, *[1] * (t.dim() - 1))
             if row_scale is not None and scale is not None:  # kept in fp8: the scale is applied per call
                 row_scale[row : row + len(t)] = scale.reshape(-1, 1)
             elif scale is not None:
@@ -377,6 +427,29 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         module._parameters[leaf] = nn.Parameter(out, requires_grad=False)
         if row_scale is not None:
             module.weight_scale = row_scale.to(device)
+
+
+def fill_packed(module, leaf, shape, ckpt: Checkpoint, src: str, how: Stored, device, dtype, compact: bool):
+    """One int8, mxfp8 or nvfp4 weight: kept as stored with its scales (`compact`), or dequantized to `dtype`."""
+    fmt = how.fmt
+    data = ckpt.read(src).view(fmt.storage)
+    try:
+        scale = fmt.prepare_scale(ckpt.read(how.scale), tuple(data.shape)).clone()  # its pages are handed back
+    except RuntimeError:
+        raise CheckpointError(
+            f"{ckpt.path}: {how.scale} {ckpt.shape(how.scale)} does not fit {src} {tuple(data.shape)} ({fmt.label})."
+        ) from None
+    scale_2 = ckpt.read(how.scale_2).float().reshape(()).clone() if how.scale_2 else None
+    if compact:
+        module._parameters[leaf] = nn.Parameter(torch.empty_like(data, device=device).copy_(data), requires_grad=False)
+        module.quant, module.weight_scale = fmt, scale.to(device)
+        module.weight_scale_2 = None if scale_2 is None else scale_2.to(device)
+    else:
+        weight = dequantize(data, fmt, scale, scale_2, shape, dtype)
+        module._parameters[leaf] = nn.Parameter(weight.to(device), requires_grad=False)
+    for name in (src, how.scale, how.scale_2):
+        if name:
+            ckpt.release(name)
 
 
 @dataclass

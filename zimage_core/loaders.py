@@ -169,8 +169,9 @@ def transformer_facts(path: str | Path) -> TransformerFacts:
         cfg = transformer_config(ckpt, sources, None)
         sizes = Counter()
         for srcs in sources.values():
-            for src in srcs:
-                sizes[ckpt.dtype(src)] += math.prod(ckpt.shape(src))
+            for src in srcs:  # int8 and fp4 weights are bf16 ones to the host's dtype choice (ComfyUI's repacks are)
+                dtype = ckpt.dtype(src)
+                sizes[dtype if dtype.is_floating_point else torch.bfloat16] += math.prod(ckpt.shape(src))
         probe = sources.get(f"layers.{cfg.n_layers - 2}.ffn_norm1.weight") if cfg.n_layers >= 2 else None
         fp16_ok = probe is not None and ckpt.read(probe[0]).float().std(unbiased=False).item() < 0.42
     return TransformerFacts(cfg, sum(sizes.values()), sizes.most_common(1)[0][0], fp16_ok)

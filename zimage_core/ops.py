@@ -14,22 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import Format, dequantize
+
 
 class Linear(nn.Linear):
-    """`nn.Linear` that computes in its input's dtype whatever dtype it holds its weight in.
+    """`nn.Linear` that computes in its input's dtype whatever form it holds its weight in.
 
-    fp8 weights stay fp8 in memory and are dequantized (times the per-row `weight_scale`, when the file had one)
-    for each call, as ComfyUI does, so an fp8 checkpoint is never held twice.
+    Quantized weights (fp8, int8, mxfp8, nvfp4; `quant.py`) stay compact in memory and are dequantized for each
+    call, as ComfyUI does, so a quantized checkpoint is never held twice.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.quant: Format | None = None
         self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_scale_2", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.device, x.dtype)
-        if self.weight_scale is not None:
-            w = w * self.weight_scale.to(x.device, x.dtype)
+        w = self.weight.to(x.device)
+        w = dequantize(
+            w, self.quant, self.weight_scale, self.weight_scale_2, (self.out_features, self.in_features), x.dtype
+        )
         b = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, w, b)
 

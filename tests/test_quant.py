@@ -1,0 +1,190 @@
+"""ComfyUI's quantized formats (int8 tensorwise with and without ConvRot, mxfp8, nvfp4, fp8), in files written the
+way ComfyUI's tooling writes them: weights quantized by comfy-kitchen 0.2.31 (the host's pinned reference), stored
+as ComfyUI 0.33.0's `_quantized_weight_state_dict` stores them (`weight`, `weight_scale`, `weight_scale_2`,
+`comfy_quant`). Our dequantized weights must equal comfy-kitchen's bit for bit, and models loaded from the files
+must compute like the same model holding comfy-kitchen's dequantized weights."""
+
+import dataclasses
+import json
+
+import comfy_kitchen as ck
+import pytest
+import torch
+from comfy_kitchen.tensor import TensorCoreMXFP8Layout, TensorCoreNVFP4Layout, TensorWiseINT8Layout
+from helpers import QWEN3_SMALL, SMALL, is_block_linear, make_inputs, reference_qwen3, to_comfy, write_file
+
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.loaders import load_text_encoder, load_transformer
+from zimage_core.quant import Format, dequantize
+
+# format label -> (comfy-kitchen layout, its quantize options, the layer's comfy_quant entry)
+FORMATS = {
+    "int8_tensorwise": (TensorWiseINT8Layout, {}, {"format": "int8_tensorwise"}),
+    "int8_tensorwise + convrot 256": (
+        TensorWiseINT8Layout,
+        {"per_channel": True, "convrot": True, "convrot_groupsize": 256},
+        {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256},
+    ),
+    "mxfp8": (TensorCoreMXFP8Layout, {}, {"format": "mxfp8"}),
+    "nvfp4": (TensorCoreNVFP4Layout, {}, {"format": "nvfp4"}),
+}
+SUFFIXES = {"": "weight", "_scale": "weight_scale", "_scale_2": "weight_scale_2"}
+
+
+def quantize(w: torch.Tensor, label: str):
+    """(the layer's file tensors, the reference's dequantized weight in fp32) for one weight."""
+    layout, options, conf = FORMATS[label]
+    qdata, params = layout.quantize(w.float(), **options)
+    tensors = {SUFFIXES[k]: v for k, v in layout.state_dict_tensors(qdata, params).items()}
+    tensors["comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    return tensors, layout.dequantize(qdata, params)[: w.shape[0], : w.shape[1]]
+
+
+def fits(label: str, w: torch.Tensor) -> bool:
+    """ConvRot rotates groups of 256 input features: a quantizer leaves other layers in full precision."""
+    return "convrot" not in label or w.shape[1] % 256 == 0
+
+
+def quantized_file(sd: dict, label, path, select=is_block_linear):
+    """`sd` with the selected weights in `label` (a format, or a function of the name giving one or None); returns
+    the file and the state dict of reference-dequantized values."""
+    tensors, dequantized = {}, {}
+    for name, w in sd.items():
+        fmt = label(name) if callable(label) else label
+        if select(name) and fmt and fits(fmt, w):
+            layer, (parts, deq) = name.removesuffix(".weight"), quantize(w, fmt)
+            tensors.update({f"{layer}.{k}": v for k, v in parts.items()})
+            dequantized[name] = deq
+        else:
+            tensors[name] = dequantized[name] = w
+    return write_file(path, tensors), dequantized
+
+
+SHAPES = [(768, 256), (682, 512), (256, 682)]  # 682: padded to 16 (nvfp4) and 32 (mxfp8)
+
+
+@pytest.mark.parametrize(
+    ("label", "shape"), [(f, s) for f in FORMATS for s in SHAPES if fits(f, torch.empty(s, device="meta"))]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_comfy_kitchens_bit_for_bit(label, shape, dtype):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] + shape[1])) * 0.02
+    layout, options, conf = FORMATS[label]
+    qdata, params = layout.quantize(w, **options)
+    reference = layout.dequantize(qdata, dataclasses.replace(params, orig_dtype=dtype))[: shape[0], : shape[1]]
+    fmt = Format.parse(conf, "test")
+    tensors = layout.state_dict_tensors(qdata, params)
+    ours = dequantize(
+        tensors[""], fmt, fmt.prepare_scale(tensors["_scale"], tuple(qdata.shape)), tensors.get("_scale_2"),
+        shape, dtype,
+    )  # fmt: skip
+    assert ours.dtype == dtype and ours.shape == shape
+    assert torch.equal(ours, reference)
+
+
+@pytest.fixture(scope="module")
+def small_sd(small_ref):
+    return to_comfy(small_ref.state_dict())
+
+
+@pytest.mark.parametrize("label", FORMATS)
+def test_transformer_holds_the_compact_weights_and_computes_like_the_dequantized_reference(small_sd, tmp_path, label):
+    path, dequantized = quantized_file(small_sd, label, tmp_path / "q.safetensors")
+    ours = load_transformer(path, dtype=torch.float32)
+    reference = load_transformer(write_file(tmp_path / "deq.safetensors", dequantized), dtype=torch.float32)
+    held = ours.layers[0].attention.qkv
+    assert held.weight.dtype == {"mxfp8": torch.float8_e4m3fn, "nvfp4": torch.uint8}.get(label, torch.int8)
+    assert held.quant.label == label
+    assert label in ours.info.quantization and "not quantized" in ours.info.quantization
+    assert ours.info.held_bytes < 0.8 * reference.info.held_bytes
+    latents, t, captions, _ = make_inputs(SMALL, (16, 16), [7, 12], seed=3)
+    with torch.no_grad():
+        got, want = ours(latents, t, captions, [7, 12]), reference(latents, t, captions, [7, 12])
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_quantization_metadata_table_and_a_mix_of_formats(small_sd, tmp_path):
+    """One file, several formats (as ComfyUI's mixed files), declared by the header table alone."""
+    mix = {"qkv": "nvfp4", "out": "mxfp8", "w1": "int8_tensorwise", "w2": "int8_tensorwise", "w3": "nvfp4"}
+    path, dequantized = quantized_file(
+        small_sd, lambda n: mix.get(n.rsplit(".", 2)[-2] if "." in n else ""), tmp_path / "mix.safetensors"
+    )
+    from zimage_core.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        tensors = {n: ckpt.read(n).clone() for n in ckpt.names if not n.endswith(".comfy_quant")}
+        layers = {n.removesuffix(".comfy_quant"): json.loads(bytes(ckpt.read(n).tolist()))
+                  for n in ckpt.names if n.endswith(".comfy_quant")}  # fmt: skip
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    ours = load_transformer(write_file(tmp_path / "table.safetensors", tensors, meta), dtype=torch.float32)
+    reference = load_transformer(write_file(tmp_path / "deq.safetensors", dequantized), dtype=torch.float32)
+    assert {ours.layers[0].attention.qkv.quant.name, ours.layers[0].feed_forward.w1.quant.name} == {
+        "nvfp4",
+        "int8_tensorwise",
+    }
+    latents, t, captions, _ = make_inputs(SMALL, (16, 16), [9], seed=4)
+    with torch.no_grad():
+        got, want = ours(latents, t, captions, [9]), reference(latents, t, captions, [9])
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        "fp8_mixed",  # qwen_3_4b_fp8_mixed: fp8 Linears; the first layer and the down projections kept in full
+        "fp4_mixed",  # qwen_3_4b_fp4_mixed: nvfp4 MLPs, fp8 attention, the first layer kept in full precision
+    ],
+)
+def test_mixed_precision_text_encoders_encode_like_the_dequantized_reference(tmp_path, mix):
+    ref = reference_qwen3(QWEN3_SMALL, seed=1)
+    sd = {"model." + k: v for k, v in ref.state_dict().items()}
+
+    def fp8(w):
+        scale = (w.abs().amax() / 448.0).float()
+        return {"weight": ck.quantize_per_tensor_fp8(w, scale), "weight_scale": scale,
+                "comfy_quant": torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)}  # fmt: skip
+
+    tensors, dequantized = {}, {}
+    for name, w in sd.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        kept = not is_block_linear(name) or layer == 0 or (mix == "fp8_mixed" and "down_proj" in name)
+        if kept:
+            tensors[name] = dequantized[name] = w
+        elif mix == "fp4_mixed" and ".mlp." in name:
+            parts, dequantized[name] = quantize(w, "nvfp4")
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
+        else:
+            parts = fp8(w)
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
+            dequantized[name] = ck.dequantize_per_tensor_fp8(parts["weight"], parts["weight_scale"], torch.float32)
+    ours = load_text_encoder(write_file(tmp_path / f"qwen_3_4b_{mix}.safetensors", tensors), dtype=torch.float32)
+    reference = load_text_encoder(write_file(tmp_path / "deq.safetensors", dequantized), dtype=torch.float32)
+    layer = ours.model.layers[QWEN3_SMALL["num_hidden_layers"] - 2]
+    assert layer.self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.mlp.up_proj.weight.dtype == (torch.uint8 if mix == "fp4_mixed" else torch.float8_e4m3fn)
+    assert layer.mlp.down_proj.weight.dtype == (torch.uint8 if mix == "fp4_mixed" else torch.float32)
+    assert ours.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    got, want = ours.encode("a red fox in the snow").features, reference.encode("a red fox in the snow").features
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_formats_we_do_not_load_and_incomplete_layers_are_named(small_sd, tmp_path):
+    name = "layers.0.attention.qkv"
+    for conf, fragments in (
+        ({"format": "convrot_w4a4"}, [name, "'convrot_w4a4'", "no Z-Image file we know", "nvfp4"]),
+        ({"format": "float4_tricks"}, [name, "'float4_tricks'", "int8_tensorwise"]),
+    ):
+        tensors = dict(small_sd)
+        tensors[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+        path = write_file(tmp_path / "q.safetensors", tensors)
+        with pytest.raises(CheckpointError) as e:
+            load_transformer(path)
+        assert all(f in str(e.value) for f in [str(path), *fragments]), str(e.value)
+    parts, _ = quantize(small_sd[f"{name}.weight"], "nvfp4")
+    tensors = {**small_sd, **{f"{name}.{k}": v for k, v in parts.items() if k != "weight_scale_2"}}
+    with pytest.raises(CheckpointError, match=rf"{name} \(nvfp4\) lacks {name}.weight_scale_2"):
+        load_transformer(write_file(tmp_path / "incomplete.safetensors", tensors))
+    tensors = {**small_sd, **{f"{name}.{k}": v for k, v in parts.items()}}
+    tensors[f"{name}.weight_scale"] = parts["weight_scale"][:64]
+    with pytest.raises(CheckpointError, match=r"weight_scale .* does not fit"):
+        load_transformer(write_file(tmp_path / "scale.safetensors", tensors))
