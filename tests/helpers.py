@@ -369,3 +369,121 @@ def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             t = t[:, :, None, None]
         out[name] = t
     return out
+
+
+# ---- GGUF files, written with the `gguf` package (llama.cpp's gguf-py) ----
+
+# Where each K/IQ block keeps its fp16 scales, and a scale that gives weights of about 0.05 at most: gguf-py has no
+# quantizer for these types, so their blocks are random codes with sane scales, decoded by gguf-py's dequantizer.
+RANDOM_BLOCKS = {
+    "Q2_K": ((80, 82), 1e-3), "Q3_K": ((108,), 4e-4), "Q4_K": ((0, 2), 5e-5), "Q5_K": ((0, 2), 2.5e-5),
+    "Q6_K": ((208,), 1e-5), "IQ4_NL": ((0,), 4e-4), "IQ4_XS": ((0,), 1e-5),
+}  # fmt: skip
+
+
+def gguf_quantize(w: torch.Tensor, kind: str, seed: int = 0):
+    """(the bytes or values gguf-py writes for `w` as GGML `kind`, gguf-py's dequantization of them in fp32)."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind not in RANDOM_BLOCKS:
+        data = gguf.quants.quantize(w.float().numpy(), qtype)
+    else:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rng = np.random.default_rng(seed)
+        data = rng.integers(0, 256, size=(w.numel() // block, size), dtype=np.uint8)
+        offsets, scale = RANDOM_BLOCKS[kind]
+        for at in offsets:
+            data[:, at : at + 2] = (rng.uniform(0.5, 1.0, (len(data), 1)) * scale).astype(np.float16).view(np.uint8)
+        data = data.reshape(*w.shape[:-1], -1)
+    values = data if kind in ("F32", "F16") else gguf.quants.dequantize(data, qtype)
+    return data, torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(w.shape)
+
+
+def write_gguf(path: Path, sd: dict[str, torch.Tensor], kind_of, arch: str, shape_fix: bool = False):
+    """A GGUF file as city96's ComfyUI-GGUF tools make one: 1-D and small tensors in F32, the rest as `kind_of(name)`
+    gives (F16 where rows are not whole blocks, or, with `shape_fix`, reshaped to rows of 256 with the original
+    shape in `comfy.gguf.orig_shape.*`). Returns the file and the state dict of gguf-py's dequantized values."""
+    import gguf
+
+    writer, dequantized = gguf.GGUFWriter(str(path), arch), {}
+    for i, (name, w) in enumerate(sd.items()):
+        kind = kind_of(name) if w.dim() >= 2 and w.numel() > 1024 else "F32"
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
+        shape = tuple(w.shape)
+        if shape[-1] % block and shape_fix and w.numel() % 256 == 0:
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", shape)
+            w = w.reshape(-1, 256)
+        elif shape[-1] % block:
+            kind = "F16"
+        data, dequantized[name] = gguf_quantize(w, kind, seed=i)
+        dequantized[name] = dequantized[name].reshape(shape)
+        writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, dequantized
+
+
+def llama_cpp_names(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """A transformers Qwen3 state dict under llama.cpp's GGUF names, from gguf-py's own tensor name map (what
+    llama.cpp's convert_hf_to_gguf.py writes)."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n_layers)
+    return {names.get_name(n, try_suffixes=(".weight", ".bias")): w for n, w in sd.items()}
+
+
+# ---- ComfyUI's quantized safetensors, written with comfy-kitchen 0.2.31 (the quantizers ComfyUI 0.33.0 pins) ----
+
+
+def ck_formats() -> dict:
+    """format label -> (comfy-kitchen layout, its quantize options, the layer's comfy_quant entry)."""
+    from comfy_kitchen.tensor import TensorCoreMXFP8Layout, TensorCoreNVFP4Layout, TensorWiseINT8Layout
+
+    return {
+        "int8_tensorwise": (TensorWiseINT8Layout, {}, {"format": "int8_tensorwise"}),
+        "int8_tensorwise + convrot 256": (
+            TensorWiseINT8Layout,
+            {"per_channel": True, "convrot": True, "convrot_groupsize": 256},
+            {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256},
+        ),
+        "mxfp8": (TensorCoreMXFP8Layout, {}, {"format": "mxfp8"}),
+        "nvfp4": (TensorCoreNVFP4Layout, {}, {"format": "nvfp4"}),
+    }
+
+
+CK_SUFFIXES = {"": "weight", "_scale": "weight_scale", "_scale_2": "weight_scale_2"}
+
+
+def ck_quantize(w: torch.Tensor, label: str):
+    """(the layer's file tensors, the reference's dequantized weight in fp32) for one weight, as ComfyUI 0.33.0's
+    `_quantized_weight_state_dict` stores them."""
+    layout, options, conf = ck_formats()[label]
+    qdata, params = layout.quantize(w.float(), **options)
+    tensors = {CK_SUFFIXES[k]: v for k, v in layout.state_dict_tensors(qdata, params).items()}
+    tensors["comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    return tensors, layout.dequantize(qdata, params)[: w.shape[0], : w.shape[1]]
+
+
+def fits_convrot(label: str, w: torch.Tensor) -> bool:
+    """ConvRot rotates groups of 256 input features: a quantizer leaves other layers in full precision."""
+    return "convrot" not in label or w.shape[1] % 256 == 0
+
+
+def ck_quantized_file(sd: dict, label, path, select=None):
+    """`sd` with the selected weights (default: the blocks' Linears) in `label` (a format, or a function of the
+    name giving one or None); returns the file and the state dict of reference-dequantized values."""
+    select = select or is_block_linear
+    tensors, dequantized = {}, {}
+    for name, w in sd.items():
+        fmt = label(name) if callable(label) else label
+        if select(name) and fmt and fits_convrot(fmt, w):
+            layer, (parts, deq) = name.removesuffix(".weight"), ck_quantize(w, fmt)
+            tensors.update({f"{layer}.{k}": v for k, v in parts.items()})
+            dequantized[name] = deq
+        else:
+            tensors[name] = dequantized[name] = w
+    return write_file(path, tensors), dequantized

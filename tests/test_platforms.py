@@ -31,7 +31,7 @@ from helpers import (
 )
 from PIL import Image
 
-from zimage_core import checkpoint
+from zimage_core import checkpoint, files
 from zimage_core.__main__ import main
 from zimage_core.loaders import LOADERS, load_siglip
 
@@ -117,7 +117,7 @@ def test_every_layout_loads_the_same_tensors_without_madvise(layouts, layout):
     expected = load(component, path)
     with pytest.MonkeyPatch.context() as patch:
         windows_like(patch)
-        assert not checkpoint.can_release()
+        assert not files.can_release()
         got = load(component, path)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)  # the same bytes, read another way
@@ -171,8 +171,8 @@ def test_the_fallback_reader_keeps_peak_rss_near_the_weights_held(tmp_path):
 import mmap, sys
 del mmap.MADV_DONTNEED
 sys.modules["resource"] = None
-from zimage_core import checkpoint
-assert not checkpoint.can_release()
+from zimage_core import files
+assert not files.can_release()
 from zimage_core.__main__ import main
 sys.exit(main(["inspect", "--json", {str(path)!r}]))
 """

@@ -10,66 +10,34 @@ import json
 import comfy_kitchen as ck
 import pytest
 import torch
-from comfy_kitchen.tensor import TensorCoreMXFP8Layout, TensorCoreNVFP4Layout, TensorWiseINT8Layout
-from helpers import QWEN3_SMALL, SMALL, is_block_linear, make_inputs, reference_qwen3, to_comfy, write_file
+from helpers import (
+    QWEN3_SMALL,
+    SMALL,
+    ck_formats,
+    ck_quantize,
+    ck_quantized_file,
+    fits_convrot,
+    is_block_linear,
+    make_inputs,
+    reference_qwen3,
+    to_comfy,
+    write_file,
+)
 
 from zimage_core.checkpoint import CheckpointError
 from zimage_core.loaders import load_text_encoder, load_transformer
 from zimage_core.quant import Format, dequantize
 
-# format label -> (comfy-kitchen layout, its quantize options, the layer's comfy_quant entry)
-FORMATS = {
-    "int8_tensorwise": (TensorWiseINT8Layout, {}, {"format": "int8_tensorwise"}),
-    "int8_tensorwise + convrot 256": (
-        TensorWiseINT8Layout,
-        {"per_channel": True, "convrot": True, "convrot_groupsize": 256},
-        {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256},
-    ),
-    "mxfp8": (TensorCoreMXFP8Layout, {}, {"format": "mxfp8"}),
-    "nvfp4": (TensorCoreNVFP4Layout, {}, {"format": "nvfp4"}),
-}
-SUFFIXES = {"": "weight", "_scale": "weight_scale", "_scale_2": "weight_scale_2"}
-
-
-def quantize(w: torch.Tensor, label: str):
-    """(the layer's file tensors, the reference's dequantized weight in fp32) for one weight."""
-    layout, options, conf = FORMATS[label]
-    qdata, params = layout.quantize(w.float(), **options)
-    tensors = {SUFFIXES[k]: v for k, v in layout.state_dict_tensors(qdata, params).items()}
-    tensors["comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
-    return tensors, layout.dequantize(qdata, params)[: w.shape[0], : w.shape[1]]
-
-
-def fits(label: str, w: torch.Tensor) -> bool:
-    """ConvRot rotates groups of 256 input features: a quantizer leaves other layers in full precision."""
-    return "convrot" not in label or w.shape[1] % 256 == 0
-
-
-def quantized_file(sd: dict, label, path, select=is_block_linear):
-    """`sd` with the selected weights in `label` (a format, or a function of the name giving one or None); returns
-    the file and the state dict of reference-dequantized values."""
-    tensors, dequantized = {}, {}
-    for name, w in sd.items():
-        fmt = label(name) if callable(label) else label
-        if select(name) and fmt and fits(fmt, w):
-            layer, (parts, deq) = name.removesuffix(".weight"), quantize(w, fmt)
-            tensors.update({f"{layer}.{k}": v for k, v in parts.items()})
-            dequantized[name] = deq
-        else:
-            tensors[name] = dequantized[name] = w
-    return write_file(path, tensors), dequantized
-
-
 SHAPES = [(768, 256), (682, 512), (256, 682)]  # 682: padded to 16 (nvfp4) and 32 (mxfp8)
 
 
 @pytest.mark.parametrize(
-    ("label", "shape"), [(f, s) for f in FORMATS for s in SHAPES if fits(f, torch.empty(s, device="meta"))]
+    ("label", "shape"), [(f, s) for f in ck_formats() for s in SHAPES if fits_convrot(f, torch.empty(s, device="meta"))]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_is_comfy_kitchens_bit_for_bit(label, shape, dtype):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0] + shape[1])) * 0.02
-    layout, options, conf = FORMATS[label]
+    layout, options, conf = ck_formats()[label]
     qdata, params = layout.quantize(w, **options)
     reference = layout.dequantize(qdata, dataclasses.replace(params, orig_dtype=dtype))[: shape[0], : shape[1]]
     fmt = Format.parse(conf, "test")
@@ -87,9 +55,9 @@ def small_sd(small_ref):
     return to_comfy(small_ref.state_dict())
 
 
-@pytest.mark.parametrize("label", FORMATS)
+@pytest.mark.parametrize("label", ck_formats())
 def test_transformer_holds_the_compact_weights_and_computes_like_the_dequantized_reference(small_sd, tmp_path, label):
-    path, dequantized = quantized_file(small_sd, label, tmp_path / "q.safetensors")
+    path, dequantized = ck_quantized_file(small_sd, label, tmp_path / "q.safetensors")
     ours = load_transformer(path, dtype=torch.float32)
     reference = load_transformer(write_file(tmp_path / "deq.safetensors", dequantized), dtype=torch.float32)
     held = ours.layers[0].attention.qkv
@@ -106,7 +74,7 @@ def test_transformer_holds_the_compact_weights_and_computes_like_the_dequantized
 def test_quantization_metadata_table_and_a_mix_of_formats(small_sd, tmp_path):
     """One file, several formats (as ComfyUI's mixed files), declared by the header table alone."""
     mix = {"qkv": "nvfp4", "out": "mxfp8", "w1": "int8_tensorwise", "w2": "int8_tensorwise", "w3": "nvfp4"}
-    path, dequantized = quantized_file(
+    path, dequantized = ck_quantized_file(
         small_sd, lambda n: mix.get(n.rsplit(".", 2)[-2] if "." in n else ""), tmp_path / "mix.safetensors"
     )
     from zimage_core.checkpoint import open_checkpoint
@@ -151,7 +119,7 @@ def test_mixed_precision_text_encoders_encode_like_the_dequantized_reference(tmp
         if kept:
             tensors[name] = dequantized[name] = w
         elif mix == "fp4_mixed" and ".mlp." in name:
-            parts, dequantized[name] = quantize(w, "nvfp4")
+            parts, dequantized[name] = ck_quantize(w, "nvfp4")
             tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
         else:
             parts = fp8(w)
@@ -180,7 +148,7 @@ def test_formats_we_do_not_load_and_incomplete_layers_are_named(small_sd, tmp_pa
         with pytest.raises(CheckpointError) as e:
             load_transformer(path)
         assert all(f in str(e.value) for f in [str(path), *fragments]), str(e.value)
-    parts, _ = quantize(small_sd[f"{name}.weight"], "nvfp4")
+    parts, _ = ck_quantize(small_sd[f"{name}.weight"], "nvfp4")
     tensors = {**small_sd, **{f"{name}.{k}": v for k, v in parts.items() if k != "weight_scale_2"}}
     with pytest.raises(CheckpointError, match=rf"{name} \(nvfp4\) lacks {name}.weight_scale_2"):
         load_transformer(write_file(tmp_path / "incomplete.safetensors", tensors))

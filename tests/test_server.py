@@ -306,3 +306,59 @@ def test_the_client_uploads_the_image_to_edit(server, tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "jobs.jsonl").read_text().splitlines()]
     sizes = {np.asarray(Image.open(f)).shape for f in record["outputs"]}
     assert len(record["outputs"]) == 2 and sizes == {(192, 160, 3)}  # cut to multiples of 16
+
+
+@pytest.fixture(scope="module")
+def quantized(models):
+    """The small models as the quantized files users download, written by the reference quantizers: GGUF of the
+    transformer (city96's layout) and of Qwen3 (llama.cpp's names) by gguf-py, int8 ConvRot by comfy-kitchen."""
+    from helpers import QWEN3_SMALL, ck_quantized_file, is_block_linear, llama_cpp_names, write_gguf
+    from safetensors.torch import load_file
+
+    out = models / "quantized"
+    out.mkdir(exist_ok=True)
+    transformer = {k: v.float() for k, v in load_file(models / "transformer.safetensors").items()}
+    te = {k: v.float() for k, v in load_file(models / "text_encoder.safetensors").items()}
+    q8 = lambda n: "Q8_0" if is_block_linear(n) else "F16"
+    return {
+        "z_image_turbo-Q8_0.gguf": write_gguf(out / "z_image_turbo-Q8_0.gguf", transformer, q8, "lumina2")[0],
+        "z_image_turbo_int8_convrot.safetensors": ck_quantized_file(
+            transformer, "int8_tensorwise + convrot 256", out / "z_image_turbo_int8_convrot.safetensors"
+        )[0],
+        "Qwen3-4B-Q8_0.gguf": write_gguf(
+            out / "Qwen3-4B-Q8_0.gguf", llama_cpp_names(te, QWEN3_SMALL["num_hidden_layers"]), q8, "qwen3"
+        )[0],
+    }
+
+
+@pytest.mark.parametrize(
+    ("loader", "name"),
+    [("ZImageTransformerLoader", "z_image_turbo-Q8_0.gguf"),
+     ("ZImageTransformerLoader", "z_image_turbo_int8_convrot.safetensors"),
+     ("ZImageTextEncoderLoader", "Qwen3-4B-Q8_0.gguf")],
+)  # fmt: skip
+def test_quantized_files_are_listed_and_generate_through_our_loaders(server, client, models, quantized, loader, name):
+    """GGUF files are listed from the model folders (as ComfyUI-GGUF lists them) and, like ComfyUI's int8 ConvRot
+    files, make the image our pipeline makes from the same file."""
+    folder = "diffusion_models" if loader == "ZImageTransformerLoader" else "text_encoders"
+    link = server.base / "models" / folder / name
+    if not link.exists():
+        link.symlink_to(quantized[name])
+    info = server.get(f"/object_info/{loader}")[loader]["input"]["required"]["name"]
+    assert name in (info[1]["options"] if info[0] == "COMBO" else info[0]), info
+    graph = small(workflow("zimage_turbo_text_to_image"), seed=13)
+    for each in ("ZImageTransformerLoader", "ZImageTextEncoderLoader"):
+        graph[node_of(graph, each)]["inputs"]["weight_dtype"] = "fp32"
+    graph[node_of(graph, loader)]["inputs"]["name"] = name
+    entry = run(client, graph)
+    assert failure(entry) is None, failure(entry)
+    (image,) = saved(server, entry)
+    files = Models(models / "transformer.safetensors", models / "text_encoder.safetensors", models / "vae.safetensors")
+    files = Models(
+        **{**vars(files), "transformer" if folder == "diffusion_models" else "text_encoder": quantized[name]}
+    )
+    prompt = graph[node_of(graph, "ZImageTextEncode")]["inputs"]["text"]
+    result = generate(files, [prompt], width=SIZE[0], height=SIZE[1], steps=4, seeds=[13], dtype=torch.float32)
+    expected = np.clip(255.0 * result.images[0].numpy(), 0, 255).astype(np.uint8)
+    difference = np.abs(image.astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and difference.mean() <= 0.01, (difference.max(), difference.mean())

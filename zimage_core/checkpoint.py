@@ -1,23 +1,16 @@
-"""Safetensors files and folders to tensors, and tensors into a model built on the meta device.
+"""Weight files and folders to tensors, and tensors into a model built on the meta device.
 
-Models are built on the meta device and filled tensor by tensor from memory maps of the files, cast on the way,
-and each tensor's pages are handed back to the kernel right after its copy. (The safetensors library keeps every
-page it touched mapped until the file is closed, which doubles peak RSS for a full-size model; the format
-itself is a JSON header and raw little-endian data, so reading it here takes a few lines.) Where pages cannot be
-handed back (Windows has no `madvise`), each tensor is read into memory of its own, freed after its copy: the same
-low peak, one more copy.
-
-Files and folders: a single file, a diffusers folder (`config.json`, one file or shards with an index), a whole
-diffusers pipeline folder (`model_index.json`); fp8 weights plain, in the older scaled form (`scaled_fp8`,
-`*.scale_weight`) or in ComfyUI's quantized form (`*.weight_scale`, `*.comfy_quant`, `_quantization_metadata`).
+Models are built on the meta device and filled tensor by tensor from the files (`files.py`), cast on the way, each
+tensor's pages handed back right after its copy. Files and folders: a single safetensors or GGUF file, a diffusers
+folder (`config.json`, one file or shards with an index), a whole diffusers pipeline folder (`model_index.json`);
+fp8 weights plain, in the older scaled form (`scaled_fp8`, `*.scale_weight`) or in ComfyUI's quantized form
+(`*.weight_scale`, `*.comfy_quant`, `_quantization_metadata`, `quant.py`), GGML blocks in GGUF files (`ggml.py`).
 What each component's tensors are called in each release is `loaders.py`'s business.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -26,98 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import PICKLE_SUFFIXES, CheckpointError, GGUFFile, MappedFile, SafetensorsFile
 from .quant import FP8, Format, dequantize
 
-
-class CheckpointError(Exception):
-    """A file or folder that cannot be loaded; the message names it and says what to do."""
-
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 SHARD = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
-
-
-def can_release() -> bool:
-    """Whether mapped pages can be handed back to the kernel (`madvise(MADV_DONTNEED)`: Linux, macOS, BSD)."""
-    return hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap.mmap, "madvise")
-
-
-class SafetensorsFile:
-    """One safetensors file: its validated header, and tensors read from a private memory map."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or 8 + n > size or n > 100_000_000:
-                raise CheckpointError(f"{path}: not a safetensors file (bad header length). Re-download it.")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: corrupt safetensors header ({e}). Re-download it.") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: corrupt safetensors header. Re-download it.")
-        self.metadata = header.pop("__metadata__", None) or {}
-        base, data_size, self.entries = 8 + n, size - 8 - n, {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (start, end) = DTYPES.get(e["dtype"]), [int(d) for d in e["shape"]], e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}. Re-download it.") from None
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {e['dtype']}, which is not supported.")
-            if end - start != math.prod(shape) * dtype.itemsize or start < 0:
-                raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}. Re-download it.")
-            self.entries[name] = (dtype, tuple(shape), base + start, base + end)
-        needed = max((e[3] for e in self.entries.values()), default=base) - base
-        if needed > data_size:
-            raise CheckpointError(
-                f"{path}: truncated: its header needs {needed + base:,} bytes but the file has {size:,}. "
-                "The download or copy did not finish; fetch the file again."
-            )
-        self._map = None
-
-    def read(self, name: str) -> torch.Tensor:
-        """A CPU tensor of the file's bytes; copy it, then call `release(name)`."""
-        dtype, shape, start, end = self.entries[name]
-        if end == start:
-            return torch.empty(shape, dtype=dtype)
-        if not can_release():
-            data = bytearray(end - start)
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                if f.readinto(data) != len(data):
-                    raise CheckpointError(f"{self.path}: shorter than its header says. Re-download it.")
-            return torch.frombuffer(data, dtype=dtype).view(shape)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes back
-        if start % dtype.itemsize:
-            return torch.frombuffer(bytearray(self._map[start:end]), dtype=dtype).view(shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start).view(shape)
-
-    def release(self, name: str):
-        """Drop the pages of `name` from this process (they stay in the page cache)."""
-        _, _, start, end = self.entries[name]
-        if self._map is not None and end > start and can_release():
-            page = start - start % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, page, end - page)
-
-    def close(self):
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a tensor still views the map (an error is on its way up): let GC unmap it
-                pass
-            self._map = None
 
 
 @dataclass
@@ -126,9 +31,9 @@ class Checkpoint:
 
     path: Path
     layout: str
-    files: list[SafetensorsFile]
+    files: list[MappedFile]
     config: dict | None = None
-    names: dict[str, SafetensorsFile] = field(default_factory=dict)
+    names: dict[str, MappedFile] = field(default_factory=dict)
 
     def __post_init__(self):
         for f in self.files:
@@ -142,7 +47,7 @@ class Checkpoint:
         return {k: v for f in self.files for k, v in f.metadata.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.names[name].entries[name][1]
+        return self.names[name].shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
         return self.names[name].entries[name][0]
@@ -177,7 +82,7 @@ def open_checkpoint(path: str | Path, component: str = "transformer") -> Checkpo
                 "loaded here. Use the .safetensors release of this model."
             )
         if suffix == ".gguf":
-            raise CheckpointError(f"{path}: GGUF files are not supported; use the bf16 or fp8 .safetensors file.")
+            return Checkpoint(path, "GGUF file", [GGUFFile(path)])
         if path.name.endswith(".safetensors.index.json"):
             return open_checkpoint(path.parent, component)
         return Checkpoint(path, "single file", [SafetensorsFile(path)])
@@ -327,6 +232,8 @@ def stored_weights(ckpt: Checkpoint) -> dict[str, Stored]:
             stored[weight] = Stored(None, f"fp8 ({fmt.name}), ComfyUI quantized", scale)
         else:
             stored[weight] = Stored(fmt, fmt.label, scale, scale_2)
+    for f in ckpt.files:
+        stored.update({name: Stored(Format(kind), f"GGUF {kind}", None) for name, kind in f.kinds.items()})
     for name in names:
         for suffix, label in ((".scale_weight", "fp8, scaled (scaled_fp8)"), (".weight_scale", "fp8, scaled")):
             weight = name.removesuffix(suffix) + ".weight"
@@ -336,7 +243,7 @@ def stored_weights(ckpt: Checkpoint) -> dict[str, Stored]:
 
 
 def dtype_summary(ckpt: Checkpoint) -> dict[str, int]:
-    return dict(Counter(str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names))
+    return dict(Counter(f.kinds.get(n) or str(ckpt.dtype(n)).removeprefix("torch.") for n, f in ckpt.names.items()))
 
 
 def quantization(ckpt: Checkpoint) -> str:
@@ -434,7 +341,7 @@ def fill_packed(module, leaf, shape, ckpt: Checkpoint, src: str, how: Stored, de
     fmt = how.fmt
     data = ckpt.read(src).view(fmt.storage)
     try:
-        scale = fmt.prepare_scale(ckpt.read(how.scale), tuple(data.shape)).clone()  # its pages are handed back
+        scale = how.scale and fmt.prepare_scale(ckpt.read(how.scale), tuple(data.shape)).clone()  # pages go back
     except RuntimeError:
         raise CheckpointError(
             f"{ckpt.path}: {how.scale} {ckpt.shape(how.scale)} does not fit {src} {tuple(data.shape)} ({fmt.label})."
@@ -442,7 +349,7 @@ def fill_packed(module, leaf, shape, ckpt: Checkpoint, src: str, how: Stored, de
     scale_2 = ckpt.read(how.scale_2).float().reshape(()).clone() if how.scale_2 else None
     if compact:
         module._parameters[leaf] = nn.Parameter(torch.empty_like(data, device=device).copy_(data), requires_grad=False)
-        module.quant, module.weight_scale = fmt, scale.to(device)
+        module.quant, module.weight_scale = fmt, None if scale is None else scale.to(device)
         module.weight_scale_2 = None if scale_2 is None else scale_2.to(device)
     else:
         weight = dequantize(data, fmt, scale, scale_2, shape, dtype)

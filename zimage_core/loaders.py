@@ -43,6 +43,7 @@ TRANSFORMER_MARKER = "layers.0.adaLN_modulation.0.weight"
 TEXT_ENCODER_MARKER = "layers.0.self_attn.q_norm.weight"
 VAE_MARKER = "decoder.conv_in.weight"
 MARKERS = {"transformer": TRANSFORMER_MARKER, "text_encoder": TEXT_ENCODER_MARKER, "vae": VAE_MARKER}
+LLAMA_CPP_MARKER = "blk.0.attn_q_norm.weight"  # a Qwen3 text encoder in a llama.cpp GGUF file
 
 
 def components(path: str | Path) -> list[str]:
@@ -54,6 +55,7 @@ def components(path: str | Path) -> list[str]:
             return found
     with open_checkpoint(path) as ckpt:
         found = [c for c, marker in MARKERS.items() if any(n.endswith(marker) for n in ckpt.names)]
+        found += ["text_encoder"] if LLAMA_CPP_MARKER in ckpt.names and "text_encoder" not in found else []
     if not found:
         raise CheckpointError(
             f"{ckpt.path}: not a Z-Image transformer, Qwen3 text encoder or Flux VAE; it looks like "
@@ -207,7 +209,9 @@ def text_encoder_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str, i
     Returns (sources, prefix, number of layers in the file). Any prefix is accepted (`model.` in ComfyUI's file,
     none in a diffusers `Qwen3Model` save, `text_encoders.qwen3_4b.transformer.model.` in all-in-one files).
     """
-    names = [n for n in ckpt.names if not QUANT_AUX.search(n)]
+    files = {llama_cpp_name(n): n for n in ckpt.names if not QUANT_AUX.search(n)}  # ours -> the file's
+    files.pop(None, None)
+    names = list(files)
     prefixes = sorted({n[: -len(TEXT_ENCODER_MARKER)] for n in names if n.endswith(TEXT_ENCODER_MARKER)})
     if len(prefixes) == 1:
         what = looks_like([n for n in names if n.startswith(prefixes[0])])
@@ -224,7 +228,26 @@ def text_encoder_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str, i
     if n_layers < 2:
         raise CheckpointError(f"{ckpt.path}: a Qwen3 model with 1 layer; Z-Image reads the second-to-last.")
     skipped = (f"layers.{n_layers - 1}.", "norm.weight")
-    return {"model." + n: [prefix + n] for n in rest if not n.startswith(skipped)}, prefix, n_layers
+    return {"model." + n: [files[prefix + n]] for n in rest if not n.startswith(skipped)}, prefix, n_layers
+
+
+LLAMA_CPP = {  # llama.cpp's names for a Qwen3 layer's tensors (GGUF files) -> transformers'
+    "attn_norm": "input_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+LLAMA_CPP_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def llama_cpp_name(name: str) -> str | None:
+    """transformers' name for a tensor of a llama.cpp GGUF file (as city96's ComfyUI-GGUF maps them; Qwen3's q
+    and k are stored unpermuted), None for its unused output head; other names are returned as they are."""
+    if m := LLAMA_CPP_LAYER.match(name):
+        return f"layers.{m[1]}.{LLAMA_CPP.get(m[2], m[2])}.{m[3]}"
+    return {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight", "output.weight": None}.get(
+        name, name
+    )
 
 
 def text_encoder_config(ckpt: Checkpoint, sources, n_layers: int, config: dict | None) -> dict:
@@ -561,7 +584,7 @@ LOADERS = {"transformer": load_transformer, "text_encoder": load_text_encoder, "
 
 # ---- finding and keeping models in a ComfyUI install ----
 
-WEIGHTS = (".safetensors", ".sft")
+WEIGHTS = (".safetensors", ".sft", ".gguf")
 
 
 def model_entries(roots: list[Path], names: Iterable[str], component: str) -> dict[str, Path]:

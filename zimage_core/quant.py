@@ -1,5 +1,5 @@
-"""Quantized weights as ComfyUI stores them (`comfy_quant`): the formats, each layer's tensors, and the one place
-they turn back into float weights.
+"""Quantized weights as ComfyUI stores them (`comfy_quant`) and as GGUF files do (`ggml.py`): the formats, each
+layer's tensors, and the one place they turn back into float weights.
 
 Names and layouts are ComfyUI 0.33.0's (`comfy/quant_ops.py` QUANT_ALGOS, `comfy/ops.py`
 `_load_quantized_module`): per layer `weight`, `weight_scale` (and `weight_scale_2` for nvfp4) and a `comfy_quant`
@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from . import ggml
+
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 STORAGE = {  # format -> (stored dtype, block size of its scales, values per stored element)
     "float8_e4m3fn": (torch.float8_e4m3fn, 0, 1),
@@ -30,7 +32,8 @@ E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3
 
 @dataclass(frozen=True)
 class Format:
-    """How one layer's weight is stored: a `comfy_quant` format, and the ConvRot group size for rotated int8."""
+    """How one layer's weight is stored: a `comfy_quant` format (and the ConvRot group size for rotated int8), or
+    a GGML block type from a GGUF file."""
 
     name: str
     convrot: int = 0
@@ -53,7 +56,7 @@ class Format:
 
     @property
     def storage(self) -> torch.dtype:
-        return STORAGE[self.name][0]
+        return torch.uint8 if self.name in ggml.BLOCKS else STORAGE[self.name][0]
 
     @property
     def label(self) -> str:
@@ -64,7 +67,10 @@ class Format:
         return (*stored[:-1], stored[-1] * STORAGE[self.name][2])
 
     def fits(self, stored: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-        """Whether a stored tensor holds a weight of `shape`, padded as the format pads (to 16 or 32)."""
+        """Whether a stored tensor holds a weight of `shape`, padded as the format pads (to 16 or 32); a GGUF
+        tensor's `stored` is its shape in the model."""
+        if self.name in ggml.BLOCKS:
+            return tuple(stored) == tuple(shape)
         block = STORAGE[self.name][1]
         have = self.logical_shape(stored)
         if len(have) != len(shape):
@@ -115,6 +121,8 @@ def dequantize(
     if fmt is None or fmt.name in ("float8_e4m3fn", "float8_e5m2"):
         w = weight.to(dtype)
         return w if scale is None else w * scale.to(weight.device, dtype)
+    if fmt.name in ggml.BLOCKS:
+        return ggml.dequantize(weight, fmt.name, shape, dtype)
     scale = scale.to(weight.device)
     rows = weight.shape[0]
     if fmt.name == "int8_tensorwise":
