@@ -86,6 +86,30 @@ def test_comfyui_single_file(small_ref, sd, tmp_path, prefix):
     assert_matches(model, small_ref)
 
 
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [
+        ("z_image_bf16.safetensors", "base"),  # Comfy-Org's Base repacks
+        ("z_image_int8_convrot.safetensors", "base"),
+        ("Z-Image-Q5_K_S.safetensors", "base"),
+        ("z_image_turbo_bf16.safetensors", "turbo"),
+        ("zimage_turbo_int8_convrot.safetensors", "turbo"),
+        ("my_finetune.safetensors", "turbo"),  # nothing says: assumed, and the reason says so
+    ],
+)
+def test_variant_by_released_names_and_its_sampling_defaults(sd, tmp_path, name, variant):
+    from zimage_core.loaders import transformer_facts
+    from zimage_core.pipeline import variant_settings
+    from zimage_core.sampling import VARIANT_SETTINGS
+
+    path = write_file(tmp_path / name, to_comfy(sd))
+    assert load_transformer(path, dtype=torch.float32).info.variant == variant
+    assert transformer_facts(path).variant == variant
+    assert variant_settings(path, None, None) == VARIANT_SETTINGS[variant]
+    assert variant_settings(path, 12, None) == (12, VARIANT_SETTINGS[variant][1])  # what is given wins
+    assert VARIANT_SETTINGS["base"] == (25, 4.0) and VARIANT_SETTINGS["turbo"] == (8, 1.0)
+
+
 def test_single_file_config_is_inferred_as_the_folder_config_says(small_folder, sd, tmp_path):
     from_folder = load_transformer(small_folder, dtype=torch.float32).info.config
     from_file = load_transformer(write_file(tmp_path / "m.safetensors", to_comfy(sd)), dtype=torch.float32).info.config

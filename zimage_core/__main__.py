@@ -162,8 +162,8 @@ def generate(args) -> int:
         path = out if args.batch == 1 else out.with_name(f"{out.stem}_{i:02d}{out.suffix}")
         info = PngInfo()
         params = {
-            "prompt": args.prompt, "negative": args.negative, "size": f"{width}x{height}", "steps": args.steps,
-            "cfg": args.cfg, "seed": seed, "strength": strength if init is not None else None,
+            "prompt": args.prompt, "negative": args.negative, "size": f"{width}x{height}", "steps": result.steps,
+            "cfg": result.cfg, "seed": seed, "strength": strength if init is not None else None,
             "edit_images": [str(e) for e in args.edit_image] or None,
             "variety": [args.variety, args.variety_steps] if args.variety else None,
             "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
@@ -200,7 +200,9 @@ def smoke(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimage_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="generate images (Turbo: 8 steps, cfg 1; Base: about 30-50 steps, cfg 4-6)")
+    p = sub.add_parser(
+        "generate", help="generate images (defaults by the transformer: Turbo 8 steps, cfg 1; Base 25 steps, cfg 4)"
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", help="negative prompt (used when --cfg > 1; default empty)")
     p.add_argument("--model", help=f"a diffusers pipeline folder, a ComfyUI models/ folder, or {TINY_RANDOM}")
@@ -209,9 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--vae", help="VAE file or folder, e.g. ae.safetensors")
     p.add_argument("--siglip", help="SigLIP2 vision encoder folder or file, for --edit-image (Omni/Edit)")
     p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024; editing: the last image's)")
-    p.add_argument("--steps", type=int, default=8, help="transformer evaluations (default 8, Turbo)")
+    p.add_argument("--steps", type=int, help="transformer evaluations (default: Turbo 8, Base 25)")
     p.add_argument(
-        "--cfg", type=float, default=1.0, help="ComfyUI's CFG scale: 1 = off (default); diffusers' g = cfg - 1"
+        "--cfg", type=float, help="ComfyUI's CFG scale, 1 = off (default: Turbo 1, Base 4); diffusers' g = cfg - 1"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch", type=int, default=1, help="images to generate")

@@ -161,6 +161,7 @@ class TransformerFacts(NamedTuple):
     parameters: int
     file_dtype: torch.dtype  # the dtype most of its weights are stored in
     fp16_ok: bool
+    variant: str  # turbo, base or omni (`transformer_variant`)
 
 
 def transformer_facts(path: str | Path) -> TransformerFacts:
@@ -176,7 +177,8 @@ def transformer_facts(path: str | Path) -> TransformerFacts:
                 sizes[dtype if dtype.is_floating_point else torch.bfloat16] += math.prod(ckpt.shape(src))
         probe = sources.get(f"layers.{cfg.n_layers - 2}.ffn_norm1.weight") if cfg.n_layers >= 2 else None
         fp16_ok = probe is not None and ckpt.read(probe[0]).float().std(unbiased=False).item() < 0.42
-    return TransformerFacts(cfg, sum(sizes.values()), sizes.most_common(1)[0][0], fp16_ok)
+        variant, _ = transformer_variant(ckpt, sources)
+    return TransformerFacts(cfg, sum(sizes.values()), sizes.most_common(1)[0][0], fp16_ok, variant)
 
 
 def transformer_variant(ckpt: Checkpoint, sources) -> tuple[str, str]:
@@ -188,6 +190,8 @@ def transformer_variant(ckpt: Checkpoint, sources) -> tuple[str, str]:
     for variant in ("turbo", "base"):
         if re.search(rf"(?<![a-z]){variant}(?![a-z])", text):
             return variant, f"'{variant}' in its name or metadata"
+    if any(re.match(r"z[-_ ]?image(?![a-z])", name.lower()) for name in names):
+        return "base", "a Z-Image name without 'turbo' (Comfy-Org's z_image_bf16, Tongyi-MAI's Z-Image are Base)"
     return "turbo", "assumed: Turbo and Base have the same tensors and nothing names either"
 
 

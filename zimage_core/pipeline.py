@@ -20,8 +20,8 @@ from transformers import Qwen3Config
 from . import limits
 from .checkpoint import CheckpointError
 from .edit import EditConditioning, encode_prompts, prepare_references, reference_latents, siglip_features
-from .loaders import LOADERS, load_siglip
-from .sampling import PATCH, SHIFT, denoise, encode_with_noise, start_index
+from .loaders import LOADERS, load_siglip, transformer_facts
+from .sampling import PATCH, SHIFT, VARIANT_SETTINGS, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import VAE, VAEConfig
@@ -129,6 +129,15 @@ def load(component: str, path, device, dtype):
     return (load_siglip if component == "siglip" else LOADERS[component])(path, device, dtype)
 
 
+def variant_settings(transformer, steps: int | None, cfg: float | None) -> tuple[int, float]:
+    """`steps` and `cfg` where given, else the defaults of the transformer's variant (read from its header)."""
+    if steps is not None and cfg is not None:
+        return steps, cfg
+    variant = "turbo" if str(transformer) == TINY_RANDOM else transformer_facts(transformer).variant
+    default_steps, default_cfg = VARIANT_SETTINGS[variant]
+    return (default_steps if steps is None else steps), (default_cfg if cfg is None else cfg)
+
+
 def release(model_device):
     gc.collect()
     if torch.device(model_device).type == "cuda":
@@ -140,6 +149,8 @@ class Result:
     images: torch.Tensor  # (B, H, W, 3) in [0, 1]
     latents: torch.Tensor  # (B, 16, H / 8, W / 8), the autoencoder's own (as ComfyUI's LATENT holds them)
     dropped: tuple[int, ...]  # prompt tokens cut by the maximum length, per prompt
+    steps: int  # as sampled: the variant's defaults where none were given
+    cfg: float
 
 
 def generate(
@@ -148,8 +159,8 @@ def generate(
     negatives: list[str] | None = None,
     width: int | None = None,
     height: int | None = None,
-    steps: int = 8,
-    cfg: float = 1.0,
+    steps: int | None = None,
+    cfg: float | None = None,
     seeds: list[int] | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
@@ -167,12 +178,15 @@ def generate(
     1 = repaint) or edit (`references`: images an Omni/Edit transformer follows; the size defaults to the last's).
 
     `cfg` is ComfyUI's (1 = off; the references' guidance scale is cfg - 1); with it on, `negatives` default to "".
+    `steps` and `cfg` default to the transformer's variant's (`sampling.VARIANT_SETTINGS`): Turbo 8 and 1, Base 25
+    and 4.
     Each image has its own seed (default 0, 1, ...), drawn as diffusers draws per-image generators.
     `variety` > 0 (Turbo's seed variety, off by default) perturbs the prompt's features with seeded noise of that
     relative strength for the first `variety_steps` evaluations (0.3-0.6 and 2 are good starting points).
     The VAE computes in `vae_dtype`, fp32 as the official pipeline and the VAE loader node's default (diffusers'
     edit pipeline runs it in bf16). The returned latents are the sampler's, unrounded.
     """
+    steps, cfg = variant_settings(models.transformer, steps, cfg)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -229,4 +243,4 @@ def generate(
     del transformer
     release(device)
     z = vae.cfg.denormalize(latents)  # float32: what a ComfyUI LATENT holds; decode casts to the VAE's dtype
-    return Result(vae.decode(z), z.cpu(), cond.dropped)
+    return Result(vae.decode(z), z.cpu(), cond.dropped, steps, cfg)

@@ -25,6 +25,11 @@ PATCH = 2  # every released Z-Image transformer's latent patch size
 SHIFT = 3.0  # Z-Image's scheduler_config.json (Turbo; ComfyUI uses it for every Z-Image model)
 VARIETY_SEED_OFFSET = 7919  # seed variety draws from seed + this, a stream apart from the latent noise's
 VARIETY_STEPS = 2  # evaluations that see the varied prompt
+# Steps and CFG (ComfyUI's scale) each variant samples with by default. Turbo: the official 8 NFE without CFG.
+# Base (and Omni, trained from it): ComfyUI's Base template, 25 steps at CFG 4, inside the model card's 28-50 steps
+# and CFG 3-5 (the card's scale is diffusers' guidance_scale = CFG - 1) at the fast end, so a user comparing with
+# the template gets its image.
+VARIANT_SETTINGS = {"turbo": (8, 1.0), "base": (25, 4.0), "omni": (25, 4.0)}
 
 
 def sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
