@@ -204,13 +204,14 @@ def loader(node_id, title, component, folder, output, dtypes, description):
 MODEL_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
 ZImageTransformerLoader = loader(
     "ZImageTransformerLoader", "Z-Image Transformer Loader", "transformer", "diffusion_models", io.Model,
-    MODEL_DTYPES, "Loads a Z-Image transformer (Turbo, Base, Omni/Edit): z_image_turbo_bf16.safetensors, fp8 files, "
-    "or a diffusers transformer/ or pipeline folder.",
+    MODEL_DTYPES, "Loads a Z-Image transformer (Turbo, Base, Omni/Edit): z_image_turbo_bf16.safetensors, fp8, int8 "
+    "(ConvRot), MXFP8, NVFP4 and GGUF files (quantized ones stay compact), or a diffusers transformer/ or pipeline "
+    "folder.",
 )  # fmt: skip
 ZImageTextEncoderLoader = loader(
     "ZImageTextEncoderLoader", "Z-Image Text Encoder Loader", "text_encoder", "text_encoders", ZImageTextEncoder,
-    MODEL_DTYPES, "Loads Z-Image's Qwen3-4B text encoder: qwen_3_4b.safetensors (bf16 or fp8) or a diffusers "
-    "text_encoder/ or pipeline folder.",
+    MODEL_DTYPES, "Loads Z-Image's Qwen3-4B text encoder: qwen_3_4b.safetensors (bf16, fp8 or mixed-precision), a "
+    "GGUF file, or a diffusers text_encoder/ or pipeline folder.",
 )  # fmt: skip
 ZImageVAELoader = loader(
     "ZImageVAELoader", "Z-Image VAE Loader", "vae", "vae", ZImageVAE, ["default", "bf16", "fp32"],

@@ -56,7 +56,7 @@ class ZImageSampler(io.ComfyNode):
             display_name="Z-Image Sampler",
             category="Z-Image/sampling",
             description="Text-to-image, img2img (a latent and denoise below 1) and inpaint (a mask). Defaults are "
-            "Turbo's: 8 steps, CFG off. Base: about 30-50 steps, CFG 3-5, a negative prompt.",
+            "Turbo's: 8 steps, CFG off. Base and Omni: 25-50 steps, CFG 3-5, a negative prompt.",
             inputs=[
                 io.Model.Input("model", tooltip="From Z-Image Transformer Loader (LoRA loaders may sit between)."),
                 io.Conditioning.Input(
