@@ -2,16 +2,19 @@
 object, built from the host's layers (`comfy.ops`) and attention, so KSampler, LoRA loaders, partial loading and
 the dtype and attention flags all work on it (city96's ComfyUI-GGUF does the same with its own ops)."""
 
+import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import comfy.supported_models
+import comfy.utils
 import torch
+import torch.nn.functional as F
 from comfy.ldm.modules.attention import optimized_attention_masked
 
 from ..zimage_core.loaders import load_transformer, transformer_facts
-from ..zimage_core.ops import Ops
+from ..zimage_core.ops import Compact, Ops
 from ..zimage_core.transformer import ZImageTransformer
 
 HOST_ZIMAGE = getattr(comfy.supported_models, "ZImage", None)  # 0.8.0 and later; 0.3.64 has Lumina2 only
@@ -26,9 +29,57 @@ def host_attention(q, k, v, mask):
     )
 
 
-HOST_OPS = Ops(
-    comfy.ops.manual_cast.Linear, comfy.ops.manual_cast.RMSNorm, host_attention, comfy.ops.manual_cast.Embedding
-)
+class HostLinear(Compact, comfy.ops.manual_cast.Linear):
+    """The host's Linear (cast per call, partial loading, LoRA patches) that can also hold a quantized weight
+    compact: it is dequantized where the call runs, then the LoRA patches apply to the dense weight, as
+    ComfyUI-GGUF applies them to its GGML weights."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold_compact()
+        self.lora: tuple[str, list] | None = None  # (key, patches) set by `Patcher` while it is patched
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_compact:
+            return super().forward(x)
+        weight = self.dense_weight(x.device, x.dtype)
+        if self.lora is not None:
+            weight = comfy.lora.calculate_weight(self.lora[1], weight, self.lora[0], intermediate_dtype=x.dtype)
+        for patch in self.weight_function:  # partial loading's patches
+            weight = patch(weight)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        for patch in self.bias_function if bias is not None else ():
+            bias = patch(bias)
+        return F.linear(x, weight, bias)
+
+
+HOST_OPS = Ops(HostLinear, comfy.ops.manual_cast.RMSNorm, host_attention, comfy.ops.manual_cast.Embedding)
+
+
+class Patcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher, except that a compact (quantized) weight is never patched in place: its LoRA
+    patches are handed to its layer, which applies them per call to the dequantized weight."""
+
+    def compact_layer(self, key: str) -> HostLinear | None:
+        owner, _, leaf = key.rpartition(".")
+        layer = comfy.utils.get_attr(self.model, owner) if owner and leaf == "weight" else None
+        return layer if isinstance(layer, HostLinear) and layer.is_compact else None
+
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
+        layer = self.compact_layer(key)
+        if layer is None:
+            return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+        layer.lora = (key, self.patches[key]) if key in self.patches else None
+        if kwargs.get("return_weight"):  # 0.33.0 asks for the patched weight itself when it saves a model
+            weight = layer.dense_weight(device_to or layer.weight.device, torch.float32)
+            return weight if layer.lora is None else comfy.lora.calculate_weight(layer.lora[1], weight, key)
+        return layer.weight
+
+    def unpatch_model(self, *args, **kwargs):
+        for layer in self.model.modules():
+            if isinstance(layer, HostLinear):
+                layer.lora = None
+        return super().unpatch_model(*args, **kwargs)
 
 
 def inference_dtypes(fp16_ok: bool) -> list[torch.dtype]:
@@ -104,4 +155,4 @@ def load_model(path, option: torch.dtype | None, load_device, offload_device):
     config.set_inference_dtype(held, None if compute == held else compute)
     model = comfy.model_base.Lumina2(config, device=offload_device)
     model.diffusion_model = transformer
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return Patcher(model, load_device=load_device, offload_device=offload_device)

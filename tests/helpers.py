@@ -7,7 +7,10 @@ from them, never from our own code. Full-size files are sparse: a real header, a
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +38,7 @@ SLICE = dict(REAL, n_layers=2, n_refiner_layers=1)
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2", torch.uint8: "U8",
+    torch.float8_e5m2: "F8_E5M2", torch.float8_e8m0fnu: "F8_E8M0", torch.uint8: "U8", torch.int8: "I8",
 }  # fmt: skip
 
 
@@ -197,6 +200,12 @@ def full_size_specs(config: dict = REAL, dtype: torch.dtype = torch.bfloat16) ->
     return {n: (tuple(t.shape), dtype) for n, t in model.state_dict().items()}
 
 
+def comfy_specs(config: dict = REAL, dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple]:
+    """Every tensor of ComfyUI's single file for `config` (`to_comfy` names), as (shape, dtype) specs."""
+    comfy = to_comfy({n: torch.empty(s, device="meta") for n, (s, _) in full_size_specs(config).items()})
+    return {n: (tuple(t.shape), dtype) for n, t in comfy.items()}
+
+
 def sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
     """Full-size sparse checkpoints in every layout users have; returns layout name -> path to load."""
     specs = full_size_specs(config, torch.float32)
@@ -210,8 +219,7 @@ def sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
     paths["diffusers folder (fp32 shards)"] = folder
     paths["diffusers pipeline folder"] = root / "Z-Image-Turbo"
 
-    comfy = to_comfy({n: torch.empty(s, device="meta") for n, (s, _) in specs.items()})
-    bf16 = {n: (tuple(t.shape), torch.bfloat16) for n, t in comfy.items()}
+    bf16 = comfy_specs(config)
     paths["ComfyUI single file bf16"] = write_sparse(root / "z_image_turbo_bf16.safetensors", bf16)
     prefixed = {"model.diffusion_model." + n: s for n, s in bf16.items()}
     paths["ComfyUI single file, model.diffusion_model. prefix"] = write_sparse(
@@ -230,18 +238,40 @@ def sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
     return paths
 
 
-def comfy_quant_specs(specs: dict) -> tuple[dict, dict]:
-    """Sparse specs in ComfyUI's quantized fp8 form (block Linear weights in fp8 with `weight_scale` and
-    `comfy_quant`), and the file metadata that goes with them."""
-    quant, layers = {}, {}
-    conf = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
-    for n, (shape, dtype) in specs.items():
-        quant[n] = (shape, torch.float8_e4m3fn if is_block_linear(n) else dtype)
-        if is_block_linear(n):
-            layer = n.removesuffix(".weight")
-            quant[layer + ".weight_scale"], quant[layer + ".comfy_quant"] = torch.tensor(0.01), conf
-            layers[layer] = {"format": "float8_e4m3fn"}
+def block_linears_in(label: str):
+    """The choice most quantized files make: the blocks' Linear weights in `label`, everything else as it is."""
+    return lambda name: label if is_block_linear(name) else None
+
+
+def comfy_quant_specs(specs: dict, fmt=None) -> tuple[dict, dict]:
+    """Sparse specs in ComfyUI's quantized form, and the file metadata that goes with them: each weight given a
+    format by `fmt(name)` (fp8 or a `ck_formats` label; default: the block Linears in fp8) becomes that format's
+    layer tensors with `comfy_quant`. ConvRot layers whose inputs are not whole groups stay as they are, as
+    `ck_quantized_file` leaves them."""
+    fmt, quant, layers = fmt or block_linears_in("float8_e4m3fn"), {}, {}
+    for n, spec in specs.items():
+        label = fmt(n)
+        if not label or not fits_convrot(label, torch.empty(spec[0], device="meta")):
+            quant[n] = spec
+            continue
+        layer, parts = n.removesuffix(".weight"), ck_layer_specs(tuple(spec[0]), label)
+        quant.update({f"{layer}.{k}": v for k, v in parts.items()})
+        layers[layer] = json.loads(bytes(parts["comfy_quant"].tolist()))
     return quant, {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+
+
+def quantized_sparse_layouts(root: Path, config: dict = REAL) -> dict[str, Path]:
+    """Full-size sparse transformer files in the quantized formats we load: ComfyUI's int8 (ConvRot), mxfp8 and
+    nvfp4 saves, and city96's GGUF Q8_0 and Q4_K; returns layout name -> path."""
+    bf16, paths = comfy_specs(config), {}
+    for label, stem in (("int8_tensorwise + convrot 256", "int8_convrot"), ("mxfp8", "mxfp8"), ("nvfp4", "nvfp4")):
+        paths[f"{label} (comfy_quant)"] = write_sparse(
+            root / f"z_image_turbo_{stem}.safetensors", *comfy_quant_specs(bf16, block_linears_in(label))
+        )
+    for kind in ("Q8_0", "Q4_K"):
+        kinds = lambda n, kind=kind: kind if is_block_linear(n) else "F16"
+        paths[f"GGUF {kind} (city96)"] = write_sparse_gguf(root / f"z_image_turbo-{kind}.gguf", bf16, kinds, "lumina2")
+    return paths
 
 
 def make_inputs(config: dict, size: tuple[int, int], cap_lens: list[int], seed: int = 0):
@@ -317,7 +347,32 @@ def qwen3_sparse_layouts(root: Path, config: dict = QWEN3_REAL) -> dict[str, Pat
         "text encoder: ComfyUI qwen_3_4b.safetensors": write_sparse(root / "qwen_3_4b.safetensors", specs),
     }
     paths["text encoder: ComfyUI fp8 (comfy_quant)"] = write_sparse(
-        root / "qwen_3_4b_fp8_mixed.safetensors", *comfy_quant_specs(specs)
+        root / "qwen_3_4b_fp8_quant.safetensors", *comfy_quant_specs(specs)
+    )
+    return paths
+
+
+def qwen3_mixed_format(name: str, mix: str) -> str | None:
+    """The format Comfy-Org's `qwen_3_4b_{mix}` files give a weight, None where they keep it in high precision:
+    the first layer always, and in fp8_mixed the down projections; fp4_mixed has nvfp4 MLPs, fp8 attention."""
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+    if not is_block_linear(name) or layer == 0 or (mix == "fp8_mixed" and "down_proj" in name):
+        return None
+    return "nvfp4" if mix == "fp4_mixed" and ".mlp." in name else "float8_e4m3fn"
+
+
+def qwen3_quantized_sparse_layouts(root: Path, config: dict = QWEN3_REAL) -> dict[str, Path]:
+    """Full-size sparse Qwen3-4B files in the quantized forms shipped: Comfy-Org's fp8 and fp4 "mixed" files and
+    a llama.cpp Q8_0 GGUF; returns layout name -> path."""
+    specs, paths = qwen3_specs(config), {}
+    for mix in ("fp8_mixed", "fp4_mixed"):
+        paths[f"text encoder: ComfyUI qwen_3_4b_{mix}"] = write_sparse(
+            root / f"qwen_3_4b_{mix}.safetensors",
+            *comfy_quant_specs(specs, lambda n, mix=mix: qwen3_mixed_format(n, mix)),
+        )
+    names = llama_cpp_names(specs, config["num_hidden_layers"])
+    paths["text encoder: GGUF Q8_0 (llama.cpp names)"] = write_sparse_gguf(
+        root / "Qwen3-4B-Q8_0.gguf", names, lambda n: "Q8_0", "qwen3"
     )
     return paths
 
@@ -409,22 +464,50 @@ def write_gguf(path: Path, sd: dict[str, torch.Tensor], kind_of, arch: str, shap
 
     writer, dequantized = gguf.GGUFWriter(str(path), arch), {}
     for i, (name, w) in enumerate(sd.items()):
-        kind = kind_of(name) if w.dim() >= 2 and w.numel() > 1024 else "F32"
-        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
-        shape = tuple(w.shape)
-        if shape[-1] % block and shape_fix and w.numel() % 256 == 0:
-            writer.add_array(f"comfy.gguf.orig_shape.{name}", shape)
-            w = w.reshape(-1, 256)
-        elif shape[-1] % block:
-            kind = "F16"
-        data, dequantized[name] = gguf_quantize(w, kind, seed=i)
-        dequantized[name] = dequantized[name].reshape(shape)
+        kind, stored = gguf_layout(writer, name, tuple(w.shape), kind_of, shape_fix)
+        data, dequantized[name] = gguf_quantize(w.reshape(stored), kind, seed=i)
+        dequantized[name] = dequantized[name].reshape(w.shape)
         writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path, dequantized
+
+
+def gguf_layout(writer, name: str, shape: tuple, kind_of, shape_fix: bool) -> tuple[str, tuple]:
+    """(GGML type, stored shape) `write_gguf` gives a tensor, its original shape added to `writer` if reshaped."""
+    import gguf
+
+    kind = kind_of(name) if len(shape) >= 2 and math.prod(shape) > 1024 else "F32"
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
+    if shape[-1] % block and shape_fix and math.prod(shape) % 256 == 0:
+        writer.add_array(f"comfy.gguf.orig_shape.{name}", shape)
+        return kind, (math.prod(shape) // 256, 256)
+    return ("F16" if shape[-1] % block else kind), shape
+
+
+def write_sparse_gguf(path: Path, specs: dict, kind_of, arch: str, shape_fix: bool = False) -> Path:
+    """`write_gguf`'s file for (shape, dtype) specs with the data region a hole: gguf-py writes the header and
+    tensor table, and the file is then extended to the size they give, so no full-size tensor is ever built."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, (shape, _) in specs.items():
+        kind, stored = gguf_layout(writer, name, tuple(shape), kind_of, shape_fix)
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+        nbytes = math.prod(stored) // block * size
+        writer.add_tensor_info(name, stored, np.float32, nbytes, raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    align = writer.data_alignment
+    size = writer.ggml_pad(writer.fout[0].tell(), align)
+    size += sum(writer.ggml_pad(t.nbytes, align) for t in writer.tensors[0].values())
+    writer.close()
+    os.truncate(path, size)
+    return path
 
 
 def llama_cpp_names(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -456,6 +539,7 @@ def ck_formats() -> dict:
 
 
 CK_SUFFIXES = {"": "weight", "_scale": "weight_scale", "_scale_2": "weight_scale_2"}
+FP8_CONF = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
 
 
 def ck_quantize(w: torch.Tensor, label: str):
@@ -487,3 +571,17 @@ def ck_quantized_file(sd: dict, label, path, select=None):
         else:
             tensors[name] = dequantized[name] = w
     return write_file(path, tensors), dequantized
+
+
+@lru_cache
+def ck_layer_specs(shape: tuple[int, int], label: str) -> dict:
+    """One layer's file tensors in `label` (or fp8 with a scalar scale) as sparse (shape, dtype) specs.
+
+    comfy-kitchen quantizes an (out, 256) and a (256, in) weight: each stored dimension follows one of the weight's
+    (padded and tiled on its own), so the two give a full-size layer's padded, blocked layout without quantizing it.
+    """
+    if label == "float8_e4m3fn":
+        return {"weight": (shape, torch.float8_e4m3fn), "weight_scale": torch.tensor(0.01), "comfy_quant": FP8_CONF}
+    rows, _ = ck_quantize(torch.ones(shape[0], 256), label)
+    cols, _ = ck_quantize(torch.ones(256, shape[1]), label)
+    return {k: v if k == "comfy_quant" else ((*v.shape[:1], *cols[k].shape[1:]), v.dtype) for k, v in rows.items()}

@@ -6,9 +6,12 @@ transformer inside the same host model class). Both run through ComfyUI's KSampl
 with one kohya-named LoRA applied by `comfy.sd.load_lora_for_models` (what LoraLoaderModelOnly calls).
 
 ComfyUI's q/k RMSNorms use torch's default eps where the official model (and ours) uses 1e-5; the native model's
-are set to 1e-5 first, as in our transformer tests. Arguments: the pack's folder, a work folder. Prints one JSON
-line of relative errors (max |ours - native| / max |native|)."""
+are set to 1e-5 first, as in our transformer tests. Then the same slice in each quantized format the host's own
+loader knows (its `QUANT_ALGOS`), written by comfy-kitchen: ComfyUI's loader and ours load the one file and
+predict alike. Arguments: the pack's folder, a work folder. Prints one JSON line of relative errors
+(max |ours - native| / max |native|)."""
 
+import gc
 import importlib
 import json
 import logging
@@ -20,8 +23,10 @@ from in_host import setup
 pack, work = Path(sys.argv[1]), Path(sys.argv[2])
 setup(pack)
 
+import comfy.quant_ops
 import comfy.sd
 import torch
+from helpers import ck_quantized_file
 from safetensors.torch import save_file
 from zimage_pack.nodes.model import load_model
 from zimage_pack.zimage_core.transformer import TransformerConfig, ZImageTransformer
@@ -79,12 +84,18 @@ save_file(weights, path)
 lora = kohya_lora(weights)
 cpu = torch.device("cpu")
 
-native = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32})
-aligned = 0
-for block in native.model.diffusion_model.modules():
-    for norm in (getattr(block, "q_norm", None), getattr(block, "k_norm", None)):
-        if hasattr(norm, "eps"):
-            norm.eps, aligned = CFG.norm_eps, aligned + 1
+
+def load_native(path: Path):
+    """ComfyUI's own loader (UNETLoader's call), its q/k norms' eps aligned with the official model's."""
+    native, aligned = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float32}), 0
+    for block in native.model.diffusion_model.modules():
+        for norm in (getattr(block, "q_norm", None), getattr(block, "k_norm", None)):
+            if hasattr(norm, "eps"):
+                norm.eps, aligned = CFG.norm_eps, aligned + 1
+    return native, aligned
+
+
+native, aligned = load_native(path)
 ours = load_model(str(path), torch.float32, cpu, cpu)
 
 generator = torch.Generator().manual_seed(5)
@@ -143,4 +154,14 @@ result |= {
     "lora": rel(lora_ours, lora_native),
     "lora_delta": rel(lora_ours - plain_ours, lora_native - plain_native),
 }
+del native, ours, native_lora, ours_lora  # four fp32 copies of the slice: the quantized ones need the room
+gc.collect()
+QUANTIZED = {"int8_tensorwise": "int8_tensorwise + convrot 256", "mxfp8": "mxfp8", "nvfp4": "nvfp4"}
+for fmt, label in QUANTIZED.items():
+    if fmt not in comfy.quant_ops.QUANT_ALGOS:
+        continue
+    quantized = ck_quantized_file(weights, label, work / f"z_image_slice_{fmt}.safetensors")[0]
+    native_q, ours_q = load_native(quantized)[0], load_model(str(quantized), torch.float32, cpu, cpu)
+    result[f"quantized {label}"] = rel(predict(ours_q), predict(native_q))
+    del native_q, ours_q
 print(json.dumps(result))

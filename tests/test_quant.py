@@ -14,11 +14,12 @@ from helpers import (
     QWEN3_SMALL,
     SMALL,
     ck_formats,
+    ck_layer_specs,
     ck_quantize,
     ck_quantized_file,
     fits_convrot,
-    is_block_linear,
     make_inputs,
+    qwen3_mixed_format,
     reference_qwen3,
     to_comfy,
     write_file,
@@ -48,6 +49,15 @@ def test_dequantize_is_comfy_kitchens_bit_for_bit(label, shape, dtype):
     )  # fmt: skip
     assert ours.dtype == dtype and ours.shape == shape
     assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("label", ck_formats())
+def test_sparse_layer_specs_have_comfy_kitchens_padded_blocked_shapes(label):
+    for shape in [s for s in SHAPES if fits_convrot(label, torch.empty(s, device="meta"))]:
+        parts, _ = ck_quantize(torch.ones(shape), label)
+        specs = ck_layer_specs(shape, label)
+        assert specs.keys() == parts.keys()
+        assert all(specs[k] == (tuple(v.shape), v.dtype) for k, v in parts.items() if k != "comfy_quant"), specs
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +124,10 @@ def test_mixed_precision_text_encoders_encode_like_the_dequantized_reference(tmp
 
     tensors, dequantized = {}, {}
     for name, w in sd.items():
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-        kept = not is_block_linear(name) or layer == 0 or (mix == "fp8_mixed" and "down_proj" in name)
-        if kept:
+        fmt = qwen3_mixed_format(name, mix)
+        if fmt is None:
             tensors[name] = dequantized[name] = w
-        elif mix == "fp4_mixed" and ".mlp." in name:
+        elif fmt == "nvfp4":
             parts, dequantized[name] = ck_quantize(w, "nvfp4")
             tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
         else:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .files import PICKLE_SUFFIXES, CheckpointError, GGUFFile, MappedFile, SafetensorsFile
+from .ops import Compact
 from .quant import FP8, Format, dequantize
 
 SHARD = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
@@ -267,8 +268,8 @@ def squeezed(shape) -> tuple[int, ...]:
 def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtype=None, expected_as=""):
     """Replace every meta parameter by real memory on `device` holding the checkpoint's values.
 
-    Quantized Linear weights stay compact with their scales, for a Linear that dequantizes per call (ours,
-    `ops.Linear`); for any other layer they are dequantized here. With `weight_dtype` fp8, other Linear weights
+    Quantized Linear weights stay compact with their scales in a Linear that dequantizes per call
+    (`ops.Compact`); for any other layer they are dequantized here. With `weight_dtype` fp8, other Linear weights
     are cast to it; everything else becomes `dtype`. Sources listed together are stacked along dim 0.
     """
     stored = stored_weights(ckpt)
@@ -303,7 +304,7 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
         owner, leaf = name.rpartition(".")[::2]
         module = modules[owner]
         srcs = sources[name]
-        compact = leaf == "weight" and hasattr(module, "quant")  # ours, `ops.Linear`
+        compact = leaf == "weight" and isinstance(module, Compact)
         if srcs[0] in stored and stored[srcs[0]].fmt:
             fill_packed(module, leaf, tuple(p.shape), ckpt, srcs[0], stored[srcs[0]], device, dtype, compact)
             continue
@@ -317,7 +318,7 @@ def fill(model: nn.Module, ckpt: Checkpoint, sources, device, dtype, weight_dtyp
             held = dtype
         scaled = held in FP8 and any(s in stored for s in srcs)
         if scaled and not compact:
-            held, scaled = dtype, False  # a host Linear knows no per-row scale: the weight is held dequantized
+            held, scaled = dtype, False  # a layer that knows no per-row scale holds the weight dequantized
         out = torch.empty(p.shape, dtype=held, device=device)
         row_scale = torch.ones(p.shape[0], 1) if scaled else None
         row = 0
@@ -341,7 +342,7 @@ def fill_packed(module, leaf, shape, ckpt: Checkpoint, src: str, how: Stored, de
     fmt = how.fmt
     data = ckpt.read(src).view(fmt.storage)
     try:
-        scale = how.scale and fmt.prepare_scale(ckpt.read(how.scale), tuple(data.shape)).clone()  # pages go back
+        scale = how.scale and fmt.prepare_scale(ckpt.read(how.scale), tuple(data.shape))
     except RuntimeError:
         raise CheckpointError(
             f"{ckpt.path}: {how.scale} {ckpt.shape(how.scale)} does not fit {src} {tuple(data.shape)} ({fmt.label})."

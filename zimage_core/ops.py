@@ -17,26 +17,36 @@ from torch import nn
 from .quant import Format, dequantize
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that computes in its input's dtype whatever form it holds its weight in.
+class Compact:
+    """A Linear weight held as stored (fp8 with a per-row scale, int8, mxfp8, nvfp4, GGML blocks; `quant.py`),
+    turned dense only for the call that needs it, so a quantized checkpoint is never held twice. The loader
+    (`checkpoint.fill`) keeps a weight compact in any Linear that mixes this in: ours and, inside ComfyUI, the
+    host's."""
 
-    Quantized weights (fp8, int8, mxfp8, nvfp4; `quant.py`) stay compact in memory and are dequantized for each
-    call, as ComfyUI does, so a quantized checkpoint is never held twice.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def hold_compact(self):
         self.quant: Format | None = None
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_scale_2", None)
 
+    @property
+    def is_compact(self) -> bool:
+        return self.quant is not None or self.weight_scale is not None
+
+    def dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        return dequantize(self.weight.to(device), self.quant, self.weight_scale, self.weight_scale_2, shape, dtype)
+
+
+class Linear(Compact, nn.Linear):
+    """`nn.Linear` that computes in its input's dtype whatever form it holds its weight in."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold_compact()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.device)
-        w = dequantize(
-            w, self.quant, self.weight_scale, self.weight_scale_2, (self.out_features, self.in_features), x.dtype
-        )
         b = None if self.bias is None else self.bias.to(x.device, x.dtype)
-        return F.linear(x, w, b)
+        return F.linear(x, self.dense_weight(x.device, x.dtype), b)
 
 
 class RMSNorm(nn.Module):

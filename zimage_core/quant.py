@@ -78,10 +78,11 @@ class Format:
         return all(h == s or (block and s < h < s + block + block) for h, s in zip(have, shape))
 
     def prepare_scale(self, scale: torch.Tensor, stored: tuple[int, ...]) -> torch.Tensor:
-        """The file's scale as `dequantize` reads it: block scales leave cuBLAS's tiled layout once, at load."""
+        """The file's scale as `dequantize` reads it, in memory of its own (the file's pages can go back): block
+        scales leave cuBLAS's tiled layout once, at load."""
         block = STORAGE[self.name][1]
         if not block:
-            return scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(())
+            return (scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(())).clone()
         rows, cols = stored[0], self.logical_shape(stored)[1] // block
         raw = scale.view(torch.uint8) if scale.dtype != torch.uint8 else scale
         plain = from_blocked(raw.reshape(-1), rows, cols)
@@ -90,9 +91,9 @@ class Format:
 
 def from_blocked(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Undo cuBLAS's block-scale tiling (128 x 4 tiles stored as 32 x 16), as comfy-kitchen's `from_blocked`."""
-    row_blocks, col_blocks = -(-rows // 128), -(-cols // 4)
-    tiles = blocked.reshape(-1, 32, 4, 4).transpose(1, 2).reshape(row_blocks, col_blocks, 128, 4)
-    return tiles.permute(0, 2, 1, 3).reshape(row_blocks * 128, col_blocks * 4)[:rows, :cols].contiguous()
+    row_blocks, col_blocks = -(-rows // 128), -(-cols // 4)  # one copy: the load's temporaries stay few
+    tiles = blocked.reshape(row_blocks, col_blocks, 32, 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(row_blocks * 128, col_blocks * 4)[:rows, :cols]
 
 
 @lru_cache(maxsize=16)
