@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from comfy.ldm.modules.attention import optimized_attention_masked
 
 from ..zimage_core.loaders import load_transformer, transformer_facts
-from ..zimage_core.ops import Compact, Ops
+from ..zimage_core.ops import Compact, Embedding, Ops
 from ..zimage_core.transformer import ZImageTransformer
 
 HOST_ZIMAGE = getattr(comfy.supported_models, "ZImage", None)  # 0.8.0 and later; 0.3.64 has Lumina2 only
@@ -29,41 +29,73 @@ def host_attention(q, k, v, mask):
     )
 
 
-class HostLinear(Compact, comfy.ops.manual_cast.Linear):
-    """The host's Linear (cast per call, partial loading, LoRA patches) that can also hold a quantized weight
-    compact: it is dequantized where the call runs, then the LoRA patches apply to the dense weight, as
-    ComfyUI-GGUF applies them to its GGML weights."""
+class HostCompact(Compact):
+    """What the host's layers need to hold a quantized weight compact: it is dequantized where the call runs, then
+    the LoRA patches apply to the dense weight, as ComfyUI-GGUF applies them to its GGML weights."""
+
+    def hold_compact(self):
+        super().hold_compact()
+        self.lora: tuple[str, list] | None = None  # (key, patches) set by `Patcher` while it is patched
+
+    @property
+    def is_patched(self) -> bool:
+        return self.lora is not None or bool(self.weight_function)
+
+    def patched_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        weight = self.dense_weight(device, dtype)
+        if self.lora is not None:
+            weight = comfy.lora.calculate_weight(self.lora[1], weight, self.lora[0], intermediate_dtype=dtype)
+        for patch in self.weight_function:  # partial loading's patches
+            weight = patch(weight)
+        return weight
+
+
+class HostLinear(HostCompact, comfy.ops.manual_cast.Linear):
+    """The host's Linear (cast per call, partial loading, LoRA patches) that can also hold a quantized weight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hold_compact()
-        self.lora: tuple[str, list] | None = None  # (key, patches) set by `Patcher` while it is patched
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_compact:
             return super().forward(x)
-        weight = self.dense_weight(x.device, x.dtype)
-        if self.lora is not None:
-            weight = comfy.lora.calculate_weight(self.lora[1], weight, self.lora[0], intermediate_dtype=x.dtype)
-        for patch in self.weight_function:  # partial loading's patches
-            weight = patch(weight)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         for patch in self.bias_function if bias is not None else ():
             bias = patch(bias)
-        return F.linear(x, weight, bias)
+        return F.linear(x, self.patched_weight(x.device, x.dtype), bias)
 
 
-HOST_OPS = Ops(HostLinear, comfy.ops.manual_cast.RMSNorm, host_attention, comfy.ops.manual_cast.Embedding)
+class HostEmbedding(HostCompact, comfy.ops.manual_cast.Embedding):
+    """The host's Embedding that can also hold a compact table (a GGUF token embedding): unpatched, a lookup
+    dequantizes only the rows it reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold_compact()
+
+    dense_shape = Embedding.dense_shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.is_compact:
+            return super().forward(ids)
+        dtype = self.dense_dtype or torch.float32
+        if self.is_patched:
+            return F.embedding(ids, self.patched_weight(ids.device, dtype), self.padding_idx)
+        return self.dense_rows(ids.reshape(-1), ids.device, dtype).reshape(*ids.shape, self.embedding_dim)
+
+
+HOST_OPS = Ops(HostLinear, comfy.ops.manual_cast.RMSNorm, host_attention, HostEmbedding)
 
 
 class Patcher(comfy.model_patcher.ModelPatcher):
     """ComfyUI's ModelPatcher, except that a compact (quantized) weight is never patched in place: its LoRA
     patches are handed to its layer, which applies them per call to the dequantized weight."""
 
-    def compact_layer(self, key: str) -> HostLinear | None:
+    def compact_layer(self, key: str) -> HostCompact | None:
         owner, _, leaf = key.rpartition(".")
         layer = comfy.utils.get_attr(self.model, owner) if owner and leaf == "weight" else None
-        return layer if isinstance(layer, HostLinear) and layer.is_compact else None
+        return layer if isinstance(layer, HostCompact) and layer.is_compact else None
 
     def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
         layer = self.compact_layer(key)
@@ -77,7 +109,7 @@ class Patcher(comfy.model_patcher.ModelPatcher):
 
     def unpatch_model(self, *args, **kwargs):
         for layer in self.model.modules():
-            if isinstance(layer, HostLinear):
+            if isinstance(layer, HostCompact):
                 layer.lora = None
         return super().unpatch_model(*args, **kwargs)
 

@@ -544,7 +544,14 @@ FP8_CONF = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), 
 
 def ck_quantize(w: torch.Tensor, label: str):
     """(the layer's file tensors, the reference's dequantized weight in fp32) for one weight, as ComfyUI 0.33.0's
-    `_quantized_weight_state_dict` stores them."""
+    `_quantized_weight_state_dict` stores them; fp8 with one scale per tensor, as ComfyUI's fp8 files."""
+    if label == "float8_e4m3fn":
+        import comfy_kitchen as ck
+
+        scale = (w.abs().amax() / torch.finfo(torch.float8_e4m3fn).max).float()
+        weight = ck.quantize_per_tensor_fp8(w.float(), scale)
+        tensors = {"weight": weight, "weight_scale": scale, "comfy_quant": FP8_CONF.clone()}
+        return tensors, ck.dequantize_per_tensor_fp8(weight, scale, torch.float32)
     layout, options, conf = ck_formats()[label]
     qdata, params = layout.quantize(w.float(), **options)
     tensors = {CK_SUFFIXES[k]: v for k, v in layout.state_dict_tensors(qdata, params).items()}

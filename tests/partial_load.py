@@ -46,7 +46,8 @@ if kind == "text_encoder":  # the host's layers, its norms in fp32: as transform
         loads.append({"resident": patcher.model.model_loaded_weight_memory, "lowvram_modules": lowvram_modules(encoder),
                       "max_abs_diff": float((partial - full).abs().max())})  # fmt: skip
     print(json.dumps({"model_bytes": size, "loads": loads, "scale": float(full.abs().max()),
-                      "host_vs_own": float((full - reference).abs().max())}))  # fmt: skip
+                      "host_vs_own": float((full - reference).abs().max()),
+                      "embedding": str(encoder.model.embed_tokens.weight.dtype)}))  # fmt: skip
     sys.exit()
 base = load_model(weights, torch.float32, cpu, cpu)
 cfg = base.model.diffusion_model.cfg

@@ -85,6 +85,10 @@ def test_qwen3_gguf_with_llama_cpp_names_encodes_like_the_dequantized_reference(
         write_file(tmp_path / "deq.safetensors", {hf[n]: w for n, w in dequantized.items()}), dtype=torch.float32
     )
     assert ours.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8
+    embedding = ours.model.embed_tokens  # the table stays in blocks: a lookup dequantizes the rows it reads
+    assert embedding.weight.dtype == torch.uint8
+    ids = torch.tensor([[0, 7, 7, QWEN3_GGUF["vocab_size"] - 1], [3, 1, 4, 1]])
+    assert torch.equal(embedding(ids), reference.model.embed_tokens(ids))  # the same values, row for row
     got, want = ours.encode("a red fox in the snow").features, reference.encode("a red fox in the snow").features
     assert rel(got, want) <= 1e-5
 

@@ -7,7 +7,6 @@ must compute like the same model holding comfy-kitchen's dequantized weights."""
 import dataclasses
 import json
 
-import comfy_kitchen as ck
 import pytest
 import torch
 from helpers import (
@@ -116,25 +115,9 @@ def test_quantization_metadata_table_and_a_mix_of_formats(small_sd, tmp_path):
 def test_mixed_precision_text_encoders_encode_like_the_dequantized_reference(tmp_path, mix):
     ref = reference_qwen3(QWEN3_SMALL, seed=1)
     sd = {"model." + k: v for k, v in ref.state_dict().items()}
-
-    def fp8(w):
-        scale = (w.abs().amax() / 448.0).float()
-        return {"weight": ck.quantize_per_tensor_fp8(w, scale), "weight_scale": scale,
-                "comfy_quant": torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)}  # fmt: skip
-
-    tensors, dequantized = {}, {}
-    for name, w in sd.items():
-        fmt = qwen3_mixed_format(name, mix)
-        if fmt is None:
-            tensors[name] = dequantized[name] = w
-        elif fmt == "nvfp4":
-            parts, dequantized[name] = ck_quantize(w, "nvfp4")
-            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
-        else:
-            parts = fp8(w)
-            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in parts.items()})
-            dequantized[name] = ck.dequantize_per_tensor_fp8(parts["weight"], parts["weight_scale"], torch.float32)
-    ours = load_text_encoder(write_file(tmp_path / f"qwen_3_4b_{mix}.safetensors", tensors), dtype=torch.float32)
+    path = tmp_path / f"qwen_3_4b_{mix}.safetensors"
+    path, dequantized = ck_quantized_file(sd, lambda n: qwen3_mixed_format(n, mix), path, select=lambda n: True)
+    ours = load_text_encoder(path, dtype=torch.float32)
     reference = load_text_encoder(write_file(tmp_path / "deq.safetensors", dequantized), dtype=torch.float32)
     layer = ours.model.layers[QWEN3_SMALL["num_hidden_layers"] - 2]
     assert layer.self_attn.q_proj.weight.dtype == torch.float8_e4m3fn

@@ -311,35 +311,48 @@ def test_the_client_uploads_the_image_to_edit(server, tmp_path):
 @pytest.fixture(scope="module")
 def quantized(models):
     """The small models as the quantized files users download, written by the reference quantizers: GGUF of the
-    transformer (city96's layout) and of Qwen3 (llama.cpp's names) by gguf-py, int8 ConvRot by comfy-kitchen."""
-    from helpers import QWEN3_SMALL, ck_quantized_file, is_block_linear, llama_cpp_names, write_gguf
+    transformer (city96's layout) and of Qwen3 (llama.cpp's names) by gguf-py; Comfy-Org's int8 ConvRot, MXFP8 and
+    NVFP4 transformers and fp8/fp4 "mixed" Qwen3 encoders by comfy-kitchen."""
+    from helpers import QWEN3_SMALL, ck_quantized_file, is_block_linear, llama_cpp_names, qwen3_mixed_format, write_gguf
     from safetensors.torch import load_file
+
+    from zimage_core.files import GGUFFile
 
     out = models / "quantized"
     out.mkdir(exist_ok=True)
     transformer = {k: v.float() for k, v in load_file(models / "transformer.safetensors").items()}
     te = {k: v.float() for k, v in load_file(models / "text_encoder.safetensors").items()}
     q8 = lambda n: "Q8_0" if is_block_linear(n) else "F16"
-    return {
+    files = {
         "z_image_turbo-Q8_0.gguf": write_gguf(out / "z_image_turbo-Q8_0.gguf", transformer, q8, "lumina2")[0],
-        "z_image_turbo_int8_convrot.safetensors": ck_quantized_file(
-            transformer, "int8_tensorwise + convrot 256", out / "z_image_turbo_int8_convrot.safetensors"
-        )[0],
-        "Qwen3-4B-Q8_0.gguf": write_gguf(
-            out / "Qwen3-4B-Q8_0.gguf", llama_cpp_names(te, QWEN3_SMALL["num_hidden_layers"]), q8, "qwen3"
+        "Qwen3-4B-Q8_0.gguf": write_gguf(  # every matrix in blocks, the token embedding too, as llama.cpp's Q8_0
+            out / "Qwen3-4B-Q8_0.gguf", llama_cpp_names(te, QWEN3_SMALL["num_hidden_layers"]), lambda n: "Q8_0", "qwen3"
         )[0],
     }
+    kinds = GGUFFile(files["Qwen3-4B-Q8_0.gguf"]).kinds
+    assert {kinds.get("token_embd.weight"), kinds.get("blk.1.ffn_down.weight")} == {"Q8_0"}, kinds
+    for name, label in (("int8_convrot", "int8_tensorwise + convrot 256"), ("mxfp8", "mxfp8"), ("nvfp4", "nvfp4")):
+        path = out / f"z_image_turbo_{name}.safetensors"
+        files[path.name] = ck_quantized_file(transformer, label, path)[0]
+    for mix in ("fp8_mixed", "fp4_mixed"):
+        path, label = out / f"qwen_3_4b_{mix}.safetensors", lambda n, mix=mix: qwen3_mixed_format(n, mix)
+        files[path.name] = ck_quantized_file(te, label, path, select=lambda n: True)[0]
+    return files
 
 
 @pytest.mark.parametrize(
     ("loader", "name"),
     [("ZImageTransformerLoader", "z_image_turbo-Q8_0.gguf"),
      ("ZImageTransformerLoader", "z_image_turbo_int8_convrot.safetensors"),
-     ("ZImageTextEncoderLoader", "Qwen3-4B-Q8_0.gguf")],
+     ("ZImageTransformerLoader", "z_image_turbo_mxfp8.safetensors"),
+     ("ZImageTransformerLoader", "z_image_turbo_nvfp4.safetensors"),
+     ("ZImageTextEncoderLoader", "Qwen3-4B-Q8_0.gguf"),
+     ("ZImageTextEncoderLoader", "qwen_3_4b_fp8_mixed.safetensors"),
+     ("ZImageTextEncoderLoader", "qwen_3_4b_fp4_mixed.safetensors")],
 )  # fmt: skip
 def test_quantized_files_are_listed_and_generate_through_our_loaders(server, client, models, quantized, loader, name):
-    """GGUF files are listed from the model folders (as ComfyUI-GGUF lists them) and, like ComfyUI's int8 ConvRot
-    files, make the image our pipeline makes from the same file."""
+    """GGUF files are listed from the model folders (as ComfyUI-GGUF lists them) and, like ComfyUI's quantized
+    safetensors, make the image our pipeline makes from the same file."""
     folder = "diffusion_models" if loader == "ZImageTransformerLoader" else "text_encoders"
     link = server.base / "models" / folder / name
     if not link.exists():

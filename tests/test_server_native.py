@@ -211,14 +211,24 @@ def test_quantized_models_stay_compact_inside_comfyui_and_take_loras(server, mod
         assert r["lora_change"] > 0.02, (label, r)
 
 
-def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server, models):
+@pytest.mark.parametrize("form", ["safetensors", "GGUF Q8_0"])
+def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server, models, tmp_path, form):
     """Our text encoder from the host's layers (its Linear, Embedding and RMSNorm), loaded partially (the host
-    streaming the rest per call) at two budgets, encodes as the full load does, and as our own layers do."""
+    streaming the rest per call) at two budgets, encodes as the full load does, and as our own layers do; from a
+    GGUF file (gguf-py's Q8_0, token embedding included) the host's Embedding holds the table in its blocks."""
+    from helpers import QWEN3_SMALL, llama_cpp_names, write_gguf
+    from safetensors.torch import load_file
+
+    weights = models / "text_encoder.safetensors"
+    if form != "safetensors":
+        te = llama_cpp_names({k: v.float() for k, v in load_file(weights).items()}, QWEN3_SMALL["num_hidden_layers"])
+        weights = write_gguf(tmp_path / "Qwen3-4B-Q8_0.gguf", te, lambda n: "Q8_0", "qwen3")[0]
     script = ROOT / "tests" / "partial_load.py"
-    args = [server.python, str(script), str(ROOT), "text_encoder", str(models / "text_encoder.safetensors")]
+    args = [server.python, str(script), str(ROOT), "text_encoder", str(weights)]
     done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["embedding"] == ("torch.float32" if form == "safetensors" else "torch.uint8"), result
     third, _ = result["loads"]  # budgets: a third of the size, and 1.5 times it (hosts decide differently)
     assert third["lowvram_modules"] > 0 and third["resident"] < result["model_bytes"] / 3, result
     assert any(load["lowvram_modules"] > 0 and load["resident"] > 0 for load in result["loads"]), result

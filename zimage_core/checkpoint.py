@@ -351,6 +351,7 @@ def fill_packed(module, leaf, shape, ckpt: Checkpoint, src: str, how: Stored, de
     if compact:
         module._parameters[leaf] = nn.Parameter(torch.empty_like(data, device=device).copy_(data), requires_grad=False)
         module.quant, module.weight_scale = fmt, None if scale is None else scale.to(device)
+        module.dense_dtype = dtype
         module.weight_scale_2 = None if scale_2 is None else scale_2.to(device)
     else:
         weight = dequantize(data, fmt, scale, scale_2, shape, dtype)

@@ -25,6 +25,7 @@ class Compact:
 
     def hold_compact(self):
         self.quant: Format | None = None
+        self.dense_dtype: torch.dtype | None = None  # the dtype the loader would have held it in
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_scale_2", None)
 
@@ -32,9 +33,23 @@ class Compact:
     def is_compact(self) -> bool:
         return self.quant is not None or self.weight_scale is not None
 
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def dense_weight(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        shape = (self.out_features, self.in_features)
-        return dequantize(self.weight.to(device), self.quant, self.weight_scale, self.weight_scale_2, shape, dtype)
+        w = self.weight.to(device)
+        return dequantize(w, self.quant, self.weight_scale, self.weight_scale_2, self.dense_shape, dtype)
+
+    def dense_rows(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `rows` of the dense weight, dequantizing only them: every format here scales each row on its own
+        (block scales are untiled at load), so an embedding lookup never needs the whole table dense."""
+        rows = rows.to(self.weight.device)
+        scale = self.weight_scale
+        if scale is not None and scale.dim() and scale.shape[0] == self.weight.shape[0]:
+            scale = scale[rows]
+        shape = (len(rows), self.dense_shape[1])
+        return dequantize(self.weight[rows].to(device), self.quant, scale, self.weight_scale_2, shape, dtype)
 
 
 class Linear(Compact, nn.Linear):
@@ -47,6 +62,25 @@ class Linear(Compact, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(x, self.dense_weight(x.device, x.dtype), b)
+
+
+class Embedding(Compact, nn.Embedding):
+    """`nn.Embedding` that can hold its table compact (a GGUF file's token embedding): a lookup dequantizes only
+    the rows it reads, in the dtype the loader would have held the table in."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold_compact()
+
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        return self.num_embeddings, self.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.is_compact:
+            return super().forward(ids)
+        rows = self.dense_rows(ids.reshape(-1), ids.device, self.dense_dtype or torch.float32)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
 
 class RMSNorm(nn.Module):
@@ -74,7 +108,7 @@ class Ops(NamedTuple):
     Linear: type = Linear
     RMSNorm: type = RMSNorm
     attention: Callable = attention
-    Embedding: type = nn.Embedding
+    Embedding: type = Embedding
 
 
 DEFAULT = Ops()
