@@ -79,10 +79,9 @@ class HostEmbedding(HostCompact, comfy.ops.manual_cast.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.is_compact:
             return super().forward(ids)
-        dtype = self.dense_dtype or torch.float32
         if self.is_patched:
-            return F.embedding(ids, self.patched_weight(ids.device, dtype), self.padding_idx)
-        return self.dense_rows(ids.reshape(-1), ids.device, dtype).reshape(*ids.shape, self.embedding_dim)
+            return F.embedding(ids, self.patched_weight(ids.device, self.dense_dtype))
+        return self.lookup(ids)
 
 
 HOST_OPS = Ops(HostLinear, comfy.ops.manual_cast.RMSNorm, host_attention, HostEmbedding)

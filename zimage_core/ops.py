@@ -25,7 +25,7 @@ class Compact:
 
     def hold_compact(self):
         self.quant: Format | None = None
-        self.dense_dtype: torch.dtype | None = None  # the dtype the loader would have held it in
+        self.dense_dtype = torch.float32  # the dtype the loader would have held it in (an embedding's output)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_scale_2", None)
 
@@ -41,15 +41,18 @@ class Compact:
         w = self.weight.to(device)
         return dequantize(w, self.quant, self.weight_scale, self.weight_scale_2, self.dense_shape, dtype)
 
-    def dense_rows(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `rows` of the dense weight, dequantizing only them: every format here scales each row on its own
-        (block scales are untiled at load), so an embedding lookup never needs the whole table dense."""
-        rows = rows.to(self.weight.device)
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of the dense weight in `dense_dtype`, dequantizing only them: every format here
+        scales each row on its own (block scales are untiled at load), so a lookup never needs the table dense."""
+        rows = ids.reshape(-1).to(self.weight.device)
         scale = self.weight_scale
         if scale is not None and scale.dim() and scale.shape[0] == self.weight.shape[0]:
             scale = scale[rows]
         shape = (len(rows), self.dense_shape[1])
-        return dequantize(self.weight[rows].to(device), self.quant, scale, self.weight_scale_2, shape, dtype)
+        w = dequantize(
+            self.weight[rows].to(ids.device), self.quant, scale, self.weight_scale_2, shape, self.dense_dtype
+        )
+        return w.reshape(*ids.shape, shape[1])
 
 
 class Linear(Compact, nn.Linear):
@@ -77,10 +80,7 @@ class Embedding(Compact, nn.Embedding):
         return self.num_embeddings, self.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self.is_compact:
-            return super().forward(ids)
-        rows = self.dense_rows(ids.reshape(-1), ids.device, self.dense_dtype or torch.float32)
-        return rows.reshape(*ids.shape, self.embedding_dim)
+        return self.lookup(ids) if self.is_compact else super().forward(ids)
 
 
 class RMSNorm(nn.Module):
