@@ -4,6 +4,7 @@ from comfy_api.v0_0_2 import ComfyExtension
 
 from .edit import ZImageEditConditioning
 from .loaders import ZImageSigLIPLoader, ZImageTextEncoderLoader, ZImageTransformerLoader, ZImageVAELoader
+from .lora import ZImageLoraLoader
 from .sampler import ZImageSampler
 from .text_encode import ZImageTextEncode
 from .vae import ZImageVAEDecode, ZImageVAEEncode, ZImageVAEToVAE
@@ -13,6 +14,7 @@ NODES = [
     ZImageTextEncoderLoader,
     ZImageVAELoader,
     ZImageSigLIPLoader,
+    ZImageLoraLoader,
     ZImageTextEncode,
     ZImageEditConditioning,
     ZImageSampler,

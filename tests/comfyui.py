@@ -37,11 +37,12 @@ MODEL_FILES = {
     "text_encoders": ["qwen_3_4b.safetensors"],
     "vae": ["ae.safetensors"],
     "clip_vision": ["siglip2_so400m_patch16_naflex.safetensors"],
-    "loras": ["zimage_lora.safetensors"],
+    "loras": ["zimage_lora.safetensors", "pixel_art_style_z_image_turbo.safetensors", "flux_style_lora.safetensors"],
 }
 SOURCES = {  # which written model each released name gets
     "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
-    "vae": "vae", "clip_vision": "siglip", "loras": "lora",
+    "vae": "vae", "clip_vision": "siglip", "loras": "lora", "pixel_art_style_z_image_turbo.safetensors": "lora_split",
+    "flux_style_lora.safetensors": "lora_flux",
 }  # fmt: skip
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
 REPORT: dict[str, dict[str, str]] = {}  # version -> what the hardening tests measured, printed at the end
@@ -103,6 +104,13 @@ def version(checkout: Path) -> str:
     return text.split("=")[1].strip().strip("\"'")
 
 
+def small_transformer_config() -> dict:
+    """The diffusers config of the servers' transformer (`transformer.safetensors`)."""
+    from helpers import QWEN3_SMALL, SMALL
+
+    return dict(SMALL, cap_feat_dim=QWEN3_SMALL["hidden_size"])
+
+
 def write_models(folder: Path):
     """Random Z-Image models small enough for CPU, in ComfyUI's single-file layouts: a transformer with the real
     head size (its config is read from the shapes), a 3-layer Qwen3, and the Flux VAE at its real widths (ComfyUI's
@@ -123,7 +131,7 @@ def write_models(folder: Path):
 
     folder.mkdir(parents=True, exist_ok=True)
     bf16 = lambda sd: {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
-    transformer = to_comfy(reference_transformer(dict(SMALL, cap_feat_dim=QWEN3_SMALL["hidden_size"])).state_dict())
+    transformer = to_comfy(reference_transformer(small_transformer_config()).state_dict())
     save_file(bf16(transformer), folder / "transformer.safetensors")
     te = {"model." + k: v for k, v in reference_qwen3(QWEN3_SMALL).state_dict().items()}
     save_file(bf16(te), folder / "text_encoder.safetensors")
@@ -135,6 +143,9 @@ def write_models(folder: Path):
     save_file({f"vision_model.{k}": v.to(torch.bfloat16).contiguous() for k, v in
                randomize_(siglip, seed=4).state_dict().items()}, folder / "siglip.safetensors")  # fmt: skip
     save_file(lora_for(transformer), folder / "lora.safetensors")
+    save_file(split_lora_for(transformer), folder / "lora_split.safetensors")
+    flux = {f"lora_unet_double_blocks_0_img_attn_qkv.lora_{s}.weight": torch.zeros(8, 8) for s in ("up", "down")}
+    save_file(flux, folder / "lora_flux.safetensors")
 
 
 def lora_for(transformer: dict, rank: int = 4) -> dict:
@@ -147,6 +158,28 @@ def lora_for(transformer: dict, rank: int = 4) -> dict:
             lora[name + ".lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=generator) * 0.1
             lora[name + ".lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator) * 0.1
             lora[name + ".alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def split_lora_for(transformer: dict, rank: int = 4) -> dict:
+    """A random LoRA as kohya/musubi save it: diffusers' split `to_q/to_k/to_v` names with underscores, which no
+    host maps onto the fused qkv, plus every block's `to_out.0` and second FFN projection."""
+    generator, lora = torch.Generator().manual_seed(10), {}
+    for key, weight in transformer.items():
+        if key.endswith(("attention.qkv.weight", "attention.out.weight", "feed_forward.w2.weight")):
+            block = key.removesuffix(".weight")
+            dim = weight.shape[1]
+            names = (
+                [block.replace("qkv", f"to_{p}") for p in "qkv"]
+                if "qkv" in block
+                else [block.replace(".out", ".to_out.0")]
+            )
+            for name in names:
+                kohya = "lora_unet_" + name.replace(".", "_")
+                rows = dim if "qkv" in block else weight.shape[0]
+                lora[kohya + ".lora_up.weight"] = torch.randn(rows, rank, generator=generator) * 0.1
+                lora[kohya + ".lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator) * 0.1
+                lora[kohya + ".alpha"] = torch.tensor(rank / 2)
     return lora
 
 

@@ -21,3 +21,12 @@ def setup(pack: Path, flags: tuple[str, ...] = ()):
     module = importlib.util.module_from_spec(spec)
     sys.modules["zimage_pack"] = module
     spec.loader.exec_module(module)
+
+
+def inputs(cfg):
+    """The seeded latent (1, C, 32, 32) and caption features (1, 20, D) every script predicts from."""
+    import torch
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, cfg.in_channels, 32, 32, generator=generator)
+    return x, torch.randn(1, 20, cfg.cap_feat_dim, generator=generator)

@@ -28,6 +28,7 @@ import comfy.sd
 import torch
 from helpers import ck_quantized_file
 from safetensors.torch import save_file
+from zimage_pack.nodes.lora import apply_lora
 from zimage_pack.nodes.model import load_model
 from zimage_pack.zimage_core.transformer import TransformerConfig, ZImageTransformer
 
@@ -65,6 +66,23 @@ def kohya_lora(sd: dict, rank: int = 4) -> dict:
             lora[name + ".lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=g) * 0.05
             lora[name + ".alpha"] = torch.tensor(float(rank))
     return lora
+
+
+def split_kohya(lora: dict) -> dict:
+    """The same LoRA as musubi-tuner saves it: diffusers' split `to_q/to_k/to_v` names in kohya's underscores (the
+    rows of each fused up matrix, the down matrix shared), which ComfyUI's own loaders do not map."""
+    split = {}
+    for key, tensor in lora.items():
+        layer, _, leaf = key.removeprefix("diffusion_model.").partition(".lora_")
+        leaf = "lora_" + leaf if leaf else key.rsplit(".", 1)[1]
+        layer = layer.removesuffix(".alpha")
+        if layer.endswith(".attention.qkv"):
+            parts = tensor.chunk(3) if leaf == "lora_up.weight" else [tensor] * 3
+            for p, part in zip("qkv", parts):
+                split[f"lora_unet_{layer.replace('qkv', f'to_{p}').replace('.', '_')}.{leaf}"] = part.contiguous()
+        else:
+            split[f"lora_unet_{layer.replace('.', '_')}.{leaf}"] = tensor
+    return split
 
 
 class Unmatched(logging.Handler):
@@ -154,6 +172,9 @@ result |= {
     "lora": rel(lora_ours, lora_native),
     "lora_delta": rel(lora_ours - plain_ours, lora_native - plain_native),
 }
+save_file(split_kohya(lora), work / "split_lora.safetensors")
+by_our_loader = ksampler(apply_lora(native, str(work / "split_lora.safetensors"), 1.0), "euler")
+result["our_loader_split_on_native"] = rel(by_our_loader, lora_native)
 del native, ours, native_lora, ours_lora  # four fp32 copies of the slice: the quantized ones need the room
 gc.collect()
 QUANTIZED = {"int8_tensorwise": "int8_tensorwise + convrot 256", "mxfp8": "mxfp8", "nvfp4": "nvfp4"}

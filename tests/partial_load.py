@@ -2,17 +2,19 @@
 our text encoder's features, after a partial load (a third of its size resident, the rest cast per call) against
 a full load.
 
-Arguments: the pack's folder, `transformer` or `text_encoder`, the model file, optionally a LoRA file (transformer).
+Arguments: the pack's folder, `transformer` or `text_encoder`, the model file, optionally a LoRA file (transformer)
+and who applies it: `native` (the host's LoraLoaderModelOnly call) or `ours` (the Z-Image LoRA Loader's).
 Prints one JSON line."""
 
 import json
 import sys
 from pathlib import Path
 
-from in_host import setup
+from in_host import inputs, setup
 
 pack, kind, weights = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 lora = sys.argv[4] if len(sys.argv) > 4 else None
+by = sys.argv[5] if len(sys.argv) > 5 else "native"
 setup(pack)
 
 import comfy.model_management as mm
@@ -20,6 +22,7 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import torch
+from zimage_pack.nodes.lora import apply_lora
 from zimage_pack.nodes.model import HOST_OPS, load_model
 from zimage_pack.zimage_core.loaders import load_text_encoder
 
@@ -51,9 +54,7 @@ if kind == "text_encoder":  # the host's layers, its norms in fp32: as transform
     sys.exit()
 base = load_model(weights, torch.float32, cpu, cpu)
 cfg = base.model.diffusion_model.cfg
-generator = torch.Generator().manual_seed(3)
-x = torch.randn(1, cfg.in_channels, 32, 32, generator=generator)
-cond = torch.randn(1, 20, cfg.cap_feat_dim, generator=generator)
+x, cond = inputs(cfg)
 sigma = torch.tensor([0.7])
 
 
@@ -64,7 +65,12 @@ def predict(patcher):
 
 mm.load_models_gpu([base], force_full_load=True)
 plain = predict(base)
-patcher = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0] if lora else base
+if lora and by == "ours":
+    patcher = apply_lora(base, lora, 1.0)
+elif lora:
+    patcher = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(lora), 1.0, 0)[0]
+else:
+    patcher = base
 mm.unload_all_models()
 mm.load_models_gpu([patcher], force_full_load=True)
 full = predict(patcher)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from in_host import setup
+from in_host import inputs, setup
 
 pack, models, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 setup(pack)
@@ -39,9 +39,7 @@ FORMATS = {
 def predict(patcher, budget: int | None = None) -> torch.Tensor:
     """The prediction after a full load, or after a partial one of `budget` bytes (the rest cast per call)."""
     cfg = patcher.model.diffusion_model.cfg
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(1, cfg.in_channels, 32, 32, generator=generator)
-    cond = torch.randn(1, 20, cfg.cap_feat_dim, generator=generator)
+    x, cond = inputs(cfg)
     mm.unload_all_models()
     if budget is None:
         mm.load_models_gpu([patcher], force_full_load=True)

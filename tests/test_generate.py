@@ -136,3 +136,42 @@ def test_edit_images_on_tiny_random_weights(tmp_path):
     result = generate("--model", "tiny-random", "--prompt", "x", "--edit-image", tmp_path / "a.png", "--init-image",
                       tmp_path / "b.png", "--out", tmp_path / "x.png")  # fmt: skip
     assert result.returncode != 0 and "do not combine" in result.stderr
+
+
+def test_loras_stack_on_the_command_line_and_say_what_they_matched(tmp_path):
+    """`--lora FILE[:STRENGTH]`, repeated: the summary of each on stderr, the image changes with the strength, a
+    strength of 0 changes nothing, and the PNG records them."""
+    import torch
+    from safetensors.torch import save_file
+
+    from zimage_core.pipeline import tiny_random
+
+    model = tiny_random("transformer", "cpu", torch.float32)
+    g, lora = torch.Generator().manual_seed(0), {}
+    for name in ("layers.0.feed_forward.w1", "layers.1.attention.qkv"):  # kohya names on the tiny model's layers
+        out, inp = model.get_submodule(name).weight.shape
+        key = "lora_unet_" + name.replace(".", "_")
+        lora |= {f"{key}.lora_up.weight": torch.randn(out, 2, generator=g),
+                 f"{key}.lora_down.weight": torch.randn(2, inp, generator=g), f"{key}.alpha": torch.tensor(2.0)}  # fmt: skip
+    save_file(lora, tmp_path / "style.safetensors")
+    save_file(
+        {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(4, 2)}, tmp_path / "flux.safetensors"
+    )
+    base = ["--model", "tiny-random", "--prompt", "a cat", "--size", "32x32", "--steps", "2", "--seed", "3"]
+    images = {}
+    for label, extra in {"plain": [], "zero": ["--lora", f"{tmp_path / 'style.safetensors'}:0"],
+                         "stacked": ["--lora", tmp_path / "style.safetensors", "--lora",
+                                     f"{tmp_path / 'style.safetensors'}:-0.5"]}.items():  # fmt: skip
+        result = generate(*base, *extra, "--out", tmp_path / f"{label}.png")
+        assert result.returncode == 0, result.stderr
+        images[label] = np.asarray(Image.open(tmp_path / f"{label}.png")).astype(int)
+        if extra:
+            assert "LoRA style.safetensors (kohya/musubi): 6 of 6 keys applied to 2 layers" in result.stderr
+            assert "merged into 2 layers' weights" in result.stderr
+    assert np.array_equal(images["zero"], images["plain"])
+    assert np.abs(images["stacked"] - images["plain"]).mean() > 1
+    params = json.loads(Image.open(tmp_path / "stacked.png").info["parameters"])
+    assert params["loras"] == [[str(tmp_path / "style.safetensors"), 1.0], [str(tmp_path / "style.safetensors"), -0.5]]
+    failed = generate(*base, "--lora", tmp_path / "flux.safetensors", "--out", tmp_path / "x.png")
+    assert failed.returncode != 0 and "flux.safetensors: none of its 1 keys applies" in failed.stderr
+    assert "Traceback" not in failed.stderr

@@ -24,6 +24,7 @@ from zimage_core.pipeline import Models, generate
 OUR_NODES = [
     "ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
     "ZImageVAEDecode", "ZImageVAEEncode", "ZImageSigLIPLoader", "ZImageEditConditioning", "ZImageVAEToVAE",
+    "ZImageLoraLoader",
 ]  # fmt: skip
 
 
@@ -375,3 +376,61 @@ def test_quantized_files_are_listed_and_generate_through_our_loaders(server, cli
     expected = np.clip(255.0 * result.images[0].numpy(), 0, 255).astype(np.uint8)
     difference = np.abs(image.astype(int) - expected.astype(int))
     assert difference.max() <= 1 and difference.mean() <= 0.01, (difference.max(), difference.mean())
+
+
+def link_model(server, folder: str, name: str, path):
+    link = server.base / "models" / folder / name
+    if not link.exists():
+        link.symlink_to(path)
+
+
+def lora_graph(transformer: str, lora: str, strength: float) -> dict:
+    """The LoRA workflow, small, in fp32, with `transformer` and `lora` at `strength`."""
+    graph = small(workflow("zimage_turbo_lora"), seed=13)
+    for each in ("ZImageTransformerLoader", "ZImageTextEncoderLoader"):
+        graph[node_of(graph, each)]["inputs"]["weight_dtype"] = "fp32"
+    graph[node_of(graph, "ZImageTransformerLoader")]["inputs"]["name"] = transformer
+    graph[node_of(graph, "ZImageLoraLoader")]["inputs"] |= {"lora_name": lora, "strength": strength}
+    return graph
+
+
+@pytest.mark.parametrize("transformer", ["z_image_turbo_bf16.safetensors", "z_image_turbo-Q8_0.gguf"])
+def test_our_lora_loader_stacks_with_the_native_one_and_makes_our_pipelines_image(
+    server, client, models, quantized, transformer
+):
+    """The LoRA workflow with a kohya LoRA in diffusers' split q/k/v names (which no host maps onto the fused qkv)
+    at 0.8, then the host's LoraLoaderModelOnly with a fused-name LoRA at 0.5 on the same MODEL: every key of both
+    applies, on bf16 and on compact GGUF weights, and the image is the one our pipeline makes with both LoRAs."""
+    from safetensors.torch import load_file
+
+    path = quantized.get(transformer, models / "transformer.safetensors")
+    link_model(server, "diffusion_models", transformer, path)
+    graph = lora_graph(transformer, "pixel_art_style_z_image_turbo.safetensors", 0.8)
+    ours, sampler = node_of(graph, "ZImageLoraLoader"), node_of(graph, "ZImageSampler")
+    graph["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": [ours, 0], "lora_name": "zimage_lora.safetensors", "strength_model": 0.5}}  # fmt: skip
+    graph[sampler]["inputs"]["model"] = ["20", 0]
+    entry = run(client, graph)
+    assert failure(entry) is None, failure(entry)
+    (image,) = saved(server, entry)
+    log, n = server.tail(400), len(load_file(models / "lora_split.safetensors"))
+    assert f"LoRA pixel_art_style_z_image_turbo.safetensors (kohya/musubi): {n} of {n} keys applied" in log, log
+    assert "lora key not loaded" not in log
+    files = Models(path, models / "text_encoder.safetensors", models / "vae.safetensors")
+    prompt = graph[node_of(graph, "ZImageTextEncode")]["inputs"]["text"]
+    settings = {"width": SIZE[0], "height": SIZE[1], "steps": 4, "seeds": [13], "dtype": torch.float32}
+    loras = [(models / "lora_split.safetensors", 0.8), (models / "lora.safetensors", 0.5)]
+    expected, plain = (generate(files, [prompt], **settings, loras=each).images[0].numpy() for each in (loras, None))
+    difference = np.abs(image.astype(int) - np.clip(255.0 * expected, 0, 255).astype(np.uint8).astype(int))
+    assert difference.max() <= 1 and difference.mean() <= 0.01, (difference.max(), difference.mean())
+    assert np.abs(expected - plain).mean() > 0.01  # the LoRAs change the image
+
+
+def test_a_lora_that_matches_nothing_fails_its_prompt_naming_the_file(server, client):
+    entry = run(client, lora_graph("z_image_turbo_bf16.safetensors", "flux_style_lora.safetensors", 1.0))
+    error = failure(entry)
+    assert error and error["node_type"] == "ZImageLoraLoader", error
+    assert "flux_style_lora.safetensors: none of its 2 keys applies" in error["exception_message"], error
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in error["exception_message"]
+    again = run(client, lora_graph("z_image_turbo_bf16.safetensors", "pixel_art_style_z_image_turbo.safetensors", 1))
+    assert failure(again) is None, failure(again)

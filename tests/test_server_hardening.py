@@ -32,10 +32,12 @@ T2I = small(workflow("zimage_turbo_text_to_image"), steps=2, seed=1, size=(64, 6
 
 def base(kind: str = "t2i") -> dict:
     """A fresh copy of a small valid graph: t2i (nodes 1-7), inpaint (+ 10 LoadImage, 11 VAE Encode), the Omni edit
-    route alone (15 SigLIP loader, 16 Edit Conditioning), native (12 EmptySD3LatentImage, 13/14 native VAE)."""
+    route alone (15 SigLIP loader, 16 Edit Conditioning), native (12 EmptySD3LatentImage, 13/14 native VAE), lora
+    (+ 9 Z-Image LoRA Loader)."""
     if kind == "t2i":
         return copy.deepcopy(T2I)
-    name = {"inpaint": "zimage_turbo_inpaint", "edit": "zimage_edit", "native": "zimage_turbo_with_native_nodes"}[kind]
+    name = {"inpaint": "zimage_turbo_inpaint", "edit": "zimage_edit", "native": "zimage_turbo_with_native_nodes",
+            "lora": "zimage_turbo_lora"}[kind]  # fmt: skip
     graph = small(workflow(name), steps=2, seed=1, size=(64, 64))
     if kind == "inpaint":
         graph["10"]["inputs"]["image"] = "example_inpaint.png"
@@ -215,6 +217,36 @@ CASES = {
         lambda: edit(base("edit"), "15", name="a_vae.safetensors"),
         fails("ZImageSigLIPLoader", "not a SigLIP2"),
     ),
+    "LoRA not in the folder": (
+        lambda: edit(base("lora"), "9", lora_name="nope.safetensors"),
+        refused("9", "lora_name", "ZImageLoraLoader", "nope.safetensors"),
+    ),
+    "LoRA name climbs out": (
+        lambda: edit(base("lora"), "9", lora_name="../../../../etc/passwd"),
+        refused("9", "lora_name", "ZImageLoraLoader", "passwd"),
+    ),
+    "LoRA empty file": (
+        lambda: edit(base("lora"), "9", lora_name="empty.safetensors"),
+        fails("ZImageLoraLoader", "empty.safetensors"),
+    ),
+    "LoRA corrupt header": (
+        lambda: edit(base("lora"), "9", lora_name="corrupt.safetensors"),
+        fails("ZImageLoraLoader", "corrupt.safetensors"),
+    ),
+    "LoRA is a transformer": (
+        lambda: edit(base("lora"), "9", lora_name="a_transformer.safetensors"),
+        fails("ZImageLoraLoader", "a_transformer.safetensors", "none of its"),
+    ),
+    "LoRA of another model": (
+        lambda: edit(base("lora"), "9", lora_name="flux_style_lora.safetensors"),
+        fails("ZImageLoraLoader", "flux_style_lora.safetensors", "none of its 2 keys"),
+    ),
+    "LoRA strength NaN": (
+        lambda: edit(base("lora"), "9", strength=NAN),
+        fails("ZImageLoraLoader", "strength is nan"),
+    ),
+    "LoRA strength 1000": (lambda: edit(base("lora"), "9", strength=1000.0), invalid("9", "strength")),
+    "a VAE as the LoRA's model": (lambda: edit(base("lora"), "9", model=["3", 0]), invalid("9", "model")),
     # sizes
     "width 0": (lambda: edit(base(), "5", width=0), invalid("5", "width")),
     "height negative": (lambda: edit(base(), "5", height=-64), invalid("5", "height")),
@@ -318,7 +350,7 @@ def bad_files(server, models):
 
     root = server.base / "models"
     good = (models / "transformer.safetensors").read_bytes()
-    for folder in ("diffusion_models", "text_encoders", "vae", "clip_vision"):
+    for folder in ("diffusion_models", "text_encoders", "vae", "clip_vision", "loras"):
         (root / folder / "empty.safetensors").write_bytes(b"")
         (root / folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
         (root / folder / "corrupt.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{not json at all")

@@ -166,14 +166,15 @@ def test_native_lora_loader_patches_our_model_and_both_samplers_see_it(server, c
     assert np.abs(again - plain).max() <= 1
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("lora", [None, "native", "ours"], ids=["plain", "native lora", "our lora"])
 def test_a_partial_load_gives_the_full_loads_output(server, models, lora):
     """In the host's own process: our MODEL loaded with a budget a third of its size (ComfyUI casts the other
-    modules per call) predicts what the full load predicts, with and without a LoRA patched in."""
+    modules per call) predicts what the full load predicts, with and without a LoRA patched in: a fused-name one
+    by the host's LoRA loader, or a split q/k/v one (patches at row offsets of qkv) by ours."""
     script = ROOT / "tests" / "partial_load.py"
     args = [server.python, str(script), str(ROOT), "transformer", str(models / "transformer.safetensors")]
     if lora:
-        args.append(str(models / "lora.safetensors"))
+        args += [str(models / ("lora.safetensors" if lora == "native" else "lora_split.safetensors")), lora]
     done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -257,7 +258,8 @@ def test_comfyuis_dtype_flags_choose_our_loaders_default_dtypes(server, models):
 def test_our_model_under_ksampler_equals_comfyuis_native_z_image(server, tmp_path):
     """One real-width slice file, loaded by ComfyUI's own loader (its NextDiT) and by ours, through the KSampler node
     in fp32: the same prediction and the same samples (euler, res_multistep), and the same kohya LoRA maps every key
-    onto both and changes both the same way (tests/native_parity.py; q/k eps aligned). The same slice quantized
+    onto both and changes both the same way (tests/native_parity.py; q/k eps aligned); on ComfyUI's model, the same
+    LoRA saved with split q/k/v names (musubi's) through the Z-Image LoRA Loader gives the host's result. The same slice quantized
     by comfy-kitchen in each format the host's loader knows predicts alike in both loaders: MXFP8 and NVFP4 to fp32
     rounding; int8 to the error of the host's activation quantization, which ours does not do (1e-2 measured)."""
     script = ROOT / "tests" / "native_parity.py"
@@ -271,6 +273,7 @@ def test_our_model_under_ksampler_equals_comfyuis_native_z_image(server, tmp_pat
     assert result["host"] == server.version and result["native_class"] == "NextDiT", result
     assert result["keys_only_in_file"] == result["keys_only_in_native"] == 0 and result["eps_aligned"] == 12, result
     assert max(result[k] for k in ("forward", "euler", "res_multistep", "lora")) <= 1e-5, result
+    assert result["our_loader_split_on_native"] <= 1e-5, result  # a musubi LoRA by our loader = fused by the host's
     assert result["lora_unmatched_native"] == result["lora_unmatched_ours"] == 0 and result["lora_keys"] == 4, result
     assert result["lora_change"] > 0.02 and result["lora_delta"] <= 1e-4, result
     quantized = {k.removeprefix("quantized "): v for k, v in result.items() if k.startswith("quantized ")}
@@ -340,3 +343,30 @@ def test_native_clip_text_encode_feeds_our_sampler(server, client, full_encoder)
     )
     assert images["native"].std() > 1 and error <= 1e-2, error  # measured 9.5e-4 (native runs fp16 on CPU)
     assert difference.mean() <= 0.5, (difference.max(), difference.mean())
+
+
+def test_our_lora_loader_gives_our_merged_weights_for_every_format(server, models, tmp_path):
+    """In the host's own process: a LoRA file of each format (tests/test_lora.py writes them on the server models'
+    diffusers layer names) through the Z-Image LoRA Loader's path (the host's adapters and ModelPatcher) predicts
+    what `zimage_core.lora` merged into our transformer predicts (tests/lora_in_host.py)."""
+    import torch
+    from comfyui import small_transformer_config
+    from diffusers import ZImageTransformer2DModel
+    from helpers import write_file
+    from test_lora import FORMATS, linears, lora_file
+
+    with torch.device("meta"):
+        layers = linears(ZImageTransformer2DModel(**small_transformer_config()))
+    for fmt in FORMATS:
+        write_file(tmp_path / f"{fmt.replace(' ', '_')}.safetensors", lora_file(fmt, layers, seed=5, deltas=False)[0])
+    script = ROOT / "tests" / "lora_in_host.py"
+    done = subprocess.run([server.python, str(script), str(ROOT), str(models / "transformer.safetensors"),
+                           str(tmp_path)], cwd=server.host, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])["formats"]
+    REPORT.setdefault(server.version, {})["our LoRA loader vs zimage_core merge (rel. error / change)"] = ", ".join(
+        f"{k}: {r['error']:.0e} / {r['change']:.2f}" for k, r in results.items()
+    )
+    assert len(results) == len(FORMATS), results
+    for fmt, r in results.items():
+        assert r["error"] <= 1e-5 and r["change"] > 0.01, (fmt, r)

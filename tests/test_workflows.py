@@ -13,7 +13,7 @@ def test_every_kind_of_workflow_ships_in_both_formats():
     names = {ui.stem for ui in UIS}
     assert names == {
         "zimage_turbo_text_to_image", "zimage_base_text_to_image", "zimage_turbo_img2img", "zimage_turbo_inpaint",
-        "zimage_turbo_with_native_nodes", "zimage_edit",
+        "zimage_turbo_with_native_nodes", "zimage_edit", "zimage_turbo_lora",
     }  # fmt: skip
     assert {api.stem for api in (UIS[0].parent / "api").glob("*.json")} == names
 

@@ -126,6 +126,15 @@ def default_dtype(device: str) -> str:
     return "bf16" if kind != "cpu" and (kind != "cuda" or torch.cuda.is_bf16_supported()) else "fp32"
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """FILE or FILE:STRENGTH (a Windows drive's colon is part of FILE)."""
+    path, sep, strength = text.rpartition(":")
+    try:
+        return (path, float(strength)) if sep and path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def generate(args) -> int:
     """Generate images from a prompt, with the models loaded one at a time, and save them as PNG."""
     width, height = (int(v) for v in args.size.lower().split("x")) if args.size else (None, None)
@@ -152,8 +161,10 @@ def generate(args) -> int:
         models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
         strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
-        vae_dtype=DTYPES[args.vae_dtype],
+        vae_dtype=DTYPES[args.vae_dtype], loras=args.lora,
     )  # fmt: skip
+    for note in result.loras:
+        print(note, file=sys.stderr)
     height, width = result.images.shape[1:3]
     bar.close()
     out = Path(args.out)
@@ -166,6 +177,7 @@ def generate(args) -> int:
             "cfg": result.cfg, "seed": seed, "strength": strength if init is not None else None,
             "edit_images": [str(e) for e in args.edit_image] or None,
             "variety": [args.variety, args.variety_steps] if args.variety else None,
+            "loras": [[str(path), s] for path, s in args.lora] or None,
             "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
         }  # fmt: skip
         info.add_text("parameters", json.dumps(params, ensure_ascii=False))
@@ -227,6 +239,14 @@ def main(argv=None) -> int:
     p.add_argument("--mask", help="inpaint: grayscale image, white = repaint (needs --init-image)")
     p.add_argument("--edit-image", action="append", default=[], metavar="IMAGE",
                    help="edit (Omni/Edit transformer + --siglip): a reference image the prompt refers to; repeatable")  # fmt: skip
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_arg,
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA (any trainer's format) at STRENGTH (default 1); repeat to stack",
+    )
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
     p.set_defaults(run=generate)

@@ -28,6 +28,7 @@ SIZE = Range(16, 4096)  # pixels, whole latent patches (16 for the Flux VAE)
 BATCH = Range(1, 64)
 SEED = Range(0, 2**64 - 1)
 MAX_LENGTH = Range(0, 65536)  # tokens per prompt; 0 keeps every token
+LORA_STRENGTH = Range(-100.0, 100.0)  # ComfyUI's LoRA loaders'
 
 
 def number(name: str, value, allowed: Range, integer: bool = False):

@@ -61,10 +61,14 @@ class Linear(Compact, nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hold_compact()
+        self.weight_function: list[Callable] = []  # per-call updates of a compact weight (`lora.apply_loras`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.device, x.dtype)
-        return F.linear(x, self.dense_weight(x.device, x.dtype), b)
+        w = self.dense_weight(x.device, x.dtype)
+        for update in self.weight_function:
+            w = update(w)
+        return F.linear(x, w, b)
 
 
 class Embedding(Compact, nn.Embedding):

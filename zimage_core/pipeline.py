@@ -21,6 +21,7 @@ from . import limits
 from .checkpoint import CheckpointError
 from .edit import EditConditioning, encode_prompts, prepare_references, reference_latents, siglip_features
 from .loaders import LOADERS, load_siglip, transformer_facts
+from .lora import apply_loras, check_file, linear_shapes, read_lora
 from .sampling import PATCH, SHIFT, VARIANT_SETTINGS, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
@@ -151,6 +152,7 @@ class Result:
     dropped: tuple[int, ...]  # prompt tokens cut by the maximum length, per prompt
     steps: int  # as sampled: the variant's defaults where none were given
     cfg: float
+    loras: list[str]  # what each LoRA matched, and how it was applied
 
 
 def generate(
@@ -173,6 +175,7 @@ def generate(
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     vae_dtype: torch.dtype = torch.float32,
+    loras: list[tuple[str | Path, float]] | None = None,
 ) -> Result:
     """Text-to-image (1024x1024 unless sized), img2img (`init_images`, `strength`), inpaint (`masks` (B, H, W),
     1 = repaint) or edit (`references`: images an Omni/Edit transformer follows; the size defaults to the last's).
@@ -185,12 +188,14 @@ def generate(
     relative strength for the first `variety_steps` evaluations (0.3-0.6 and 2 are good starting points).
     The VAE computes in `vae_dtype`, fp32 as the official pipeline and the VAE loader node's default (diffusers'
     edit pipeline runs it in bf16). The returned latents are the sampler's, unrounded.
+    `loras` (file, strength) are merged into the transformer's weights (compact weights take them per call).
     """
     steps, cfg = variant_settings(models.transformer, steps, cfg)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     limits.settings(steps, cfg, strength, SHIFT, variety, variety_steps)  # before anything slow
+    loras = [(check_file(path), limits.number("LoRA strength", s, limits.LORA_STRENGTH)) for path, s in loras or []]
     for seed in seeds:
         limits.number("seed", seed, limits.SEED, integer=True)
     if references and (init_images is not None or variety > 0):
@@ -235,6 +240,9 @@ def generate(
             f"{models.transformer}: not an Omni/Edit transformer (it has no SigLIP weights); editing with reference "
             "images needs the Z-Image-Omni or Z-Image-Edit transformer"
         )
+    read = [(read_lora(path, linear_shapes(transformer)), s) for path, s in loras]
+    applied = apply_loras(transformer, read, keep_originals=False) if read else None
+    notes = [f"{lora.summary()}\n  strength {s}, {applied.describe()}" for lora, s in read]
     if references:
         cond = EditConditioning(cond, refs, features)
     latents = denoise(transformer, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
@@ -243,4 +251,4 @@ def generate(
     del transformer
     release(device)
     z = vae.cfg.denormalize(latents)  # float32: what a ComfyUI LATENT holds; decode casts to the VAE's dtype
-    return Result(vae.decode(z), z.cpu(), cond.dropped, steps, cfg)
+    return Result(vae.decode(z), z.cpu(), cond.dropped, steps, cfg, notes)
