@@ -79,7 +79,7 @@ def split_kohya(lora: dict) -> dict:
         if layer.endswith(".attention.qkv"):
             parts = tensor.chunk(3) if leaf == "lora_up.weight" else [tensor] * 3
             for p, part in zip("qkv", parts):
-                split[f"lora_unet_{layer.replace('qkv', f'to_{p}').replace('.', '_')}.{leaf}"] = part.contiguous()
+                split[f"lora_unet_{layer.replace('qkv', f'to_{p}').replace('.', '_')}.{leaf}"] = part.clone()
         else:
             split[f"lora_unet_{layer.replace('.', '_')}.{leaf}"] = tensor
     return split

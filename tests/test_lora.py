@@ -45,8 +45,13 @@ def native(name: str) -> str:
     return name
 
 
+def gain(shape) -> float:
+    """Keeps an update near the size of the weight it changes (unit-gain weights: 1 / sqrt(in))."""
+    return (16 / shape[1]) ** 0.5
+
+
 def factors(g, shape, rank=RANK):
-    return torch.randn(shape[0], rank, generator=g) * 0.3, torch.randn(rank, shape[1], generator=g) * 0.3
+    return torch.randn(shape[0], rank, generator=g) * 0.3, torch.randn(rank, shape[1], generator=g) * 0.3 * gain(shape)
 
 
 def factorization(dimension: int) -> tuple[int, int]:
@@ -83,7 +88,7 @@ def lora_file(fmt: str, layers: dict[str, tuple[int, int]], seed: int = 0, delta
             continue
         if fmt in ("lokr", "lokr factorised"):
             a, b = factorization(shape[0])[0], factorization(shape[1])[0]
-            w1 = torch.randn(a, b, generator=g) * 0.5
+            w1 = torch.randn(a, b, generator=g) * 0.5 * gain(shape)
             if fmt == "lokr":  # ai-toolkit: diffusers' names, full factors (alpha does not scale them)
                 w2 = torch.randn(shape[0] // a, shape[1] // b, generator=g) * 0.3
                 file |= {f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2, f"{name}.alpha": torch.tensor(8.0)}
@@ -287,7 +292,7 @@ def test_files_that_are_no_safetensors_lora_are_clear_errors(name, tmp_path):
         read_lora(path, {"layers.0.attention.qkv": (48, 16)})
 
 
-def test_a_kohya_lora_on_the_real_model_applies_every_layer_and_lists_the_rest(tmp_path, capsys):
+def test_a_kohya_lora_on_the_real_model_applies_every_layer_and_lists_the_rest(tmp_path):
     """The released 6B model's layer names and widths (diffusers' model and ours on the meta device): a kohya/musubi
     LoRA on every Linear of diffusers' model, plus text-encoder and TwinFlow keys users' files carry."""
     from diffusers import ZImageTransformer2DModel
@@ -302,5 +307,7 @@ def test_a_kohya_lora_on_the_real_model_applies_every_layer_and_lists_the_rest(t
     lora = read_lora(write_file(tmp_path / "style.safetensors", file), shapes)
     assert set(lora.skipped) == skipped and lora.matched == 3 * len(layers)
     assert {a.target.layer for a in lora.adapters} == set(shapes)  # every Linear of ours, q/k/v on qkv
-    with capsys.disabled():
-        print("\n" + lora.summary(most=2))
+    head = (
+        f"LoRA style.safetensors (kohya/musubi): {3 * len(layers)} of {len(file)} keys applied to {len(shapes)} layers"
+    )
+    assert lora.summary().startswith(head + "; NOT applied:"), lora.summary()
