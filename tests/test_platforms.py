@@ -170,7 +170,7 @@ def test_the_fallback_reader_keeps_peak_rss_near_the_weights_held(tmp_path):
     code = f"""
 import mmap, sys
 del mmap.MADV_DONTNEED
-sys.modules["resource"] = None
+sys.modules["resource"] = sys.modules["psutil"] = None  # as windows_like: Linux's psutil itself needs `resource`
 from zimage_core import files
 assert not files.can_release()
 from zimage_core.__main__ import main
