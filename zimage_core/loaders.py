@@ -87,6 +87,12 @@ def transformer_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str]:
             f"{ckpt.path}: not a Z-Image transformer: it looks like {looks_like(names)} "
             f"(no {TRANSFORMER_MARKER} among its {len(names)} tensors)."
         )
+    return block_sources(names, prefix), prefix
+
+
+def block_sources(names: Iterable[str], prefix: str) -> dict[str, list[str]]:
+    """Our names for the tensors under `prefix`, diffusers' attention names mapped onto ComfyUI's (the
+    transformer's and the ControlNet's blocks are the same blocks)."""
     sources: dict[str, list[str]] = {}
     for name in names:
         if not name.startswith(prefix) or name[len(prefix) :] in IGNORED:
@@ -100,7 +106,7 @@ def transformer_sources(ckpt: Checkpoint) -> tuple[dict[str, list[str]], str]:
         sources.setdefault(ours, []).append(name)
     for srcs in sources.values():  # q, k, v rows in that order whatever order the files list them in
         srcs.sort(key=lambda n: "qkv".find(m.group(1)) if (m := QKV.search(n)) else 0)
-    return sources, prefix
+    return sources
 
 
 def transformer_config(ckpt: Checkpoint, sources: dict[str, list[str]], config: dict | None) -> TransformerConfig:

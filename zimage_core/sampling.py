@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from . import limits
 from .edit import EditConditioning
 from .text_encoder import Embeddings
 from .vae import VAEConfig
+
+if TYPE_CHECKING:
+    from .controlnet import Control
 
 FACTOR = VAEConfig().factor  # the Flux VAE's 8: image pixels per latent pixel
 PATCH = 2  # every released Z-Image transformer's latent patch size
@@ -36,8 +40,22 @@ def sigmas(steps: int, shift: float = SHIFT) -> torch.Tensor:
     """`steps` + 1 noise levels from 1 down to 0: one transformer evaluation per step, none at the final 0."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    s = torch.linspace(1.0, 1 / steps, steps)
-    return torch.cat([shift * s / (1 + (shift - 1) * s), torch.zeros(1)])
+    return torch.cat([shifted(torch.linspace(1.0, 1 / steps, steps), shift), torch.zeros(1)])
+
+
+def shifted(s, shift: float = SHIFT):
+    """Flow time `s` (1: noise) under the resolution-independent shift, as diffusers' scheduler shifts it."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def control_range(start: float, end: float, shift: float = SHIFT) -> tuple[float, float]:
+    """Sigmas (high, low) between which a ControlNet acts, from fractions of the denoising process as ComfyUI's
+    `percent_to_sigma` reads start_percent and end_percent (0: the start, 1: the end)."""
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"control start {start} and end {end} must satisfy 0 <= start <= end <= 1")
+    high = 1.0 if start <= 0 else float(shifted(torch.tensor(1.0 - start), shift))
+    low = 0.0 if end >= 1 else float(shifted(torch.tensor(1.0 - end), shift))
+    return high, low
 
 
 def noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
@@ -109,6 +127,7 @@ def sample(
     cancelled: Callable[[], bool] | None = None,
     inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     variety: tuple[Embeddings, int] | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B, C, h, w) from `schedule[0]` down to `schedule[-1]`; returns float32 latents.
 
@@ -121,10 +140,15 @@ def sample(
     `variety` = (perturbed cond from `vary`, k): the first k evaluations see it instead of `cond`.
     When the 2B guided batch runs out of CUDA memory, cond and uncond run one after the other.
     With `EditConditioning`, its references condition every evaluation (an edit negative gives only its text).
+    `control`: a ControlNet and its input, joining every evaluation whose sigma is within its range.
     """
     schedule = sigmas(8) if schedule is None else schedule
     device, dtype = model.device, model.dtype
     guided = scale > 0 and uncond is not None
+    if control is not None:
+        if isinstance(cond, EditConditioning):
+            raise ValueError("a ControlNet conditions text-to-image sampling; edit conditioning cannot take one")
+        control.check(model.cfg, latents.shape)
     if isinstance(cond, EditConditioning):
         model = functools.partial(cond.to(device, dtype).velocity, model)
         cond = cond.text
@@ -147,19 +171,22 @@ def sample(
             raise InterruptedError(f"cancelled before step {i + 1} of {total}")
         t = ((1000 - timesteps[i]) / 1000).expand(x.shape[0])
         captions, lengths = varied if i < varied_steps else plain
+        extra = {"control": control} if control is not None and control.active(float(schedule[i])) else {}
         if guided and float(t[0]) <= truncation:
             try:
-                pos, neg = model(x.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), captions, lengths).float().chunk(2)
+                pos, neg = (
+                    model(x.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), captions, lengths, **extra).float().chunk(2)
+                )
             except torch.cuda.OutOfMemoryError:  # one after the other when the batch of 2B does not fit
-                pos = model(x.to(dtype), t, captions[:n], lengths[:n]).float()
-                neg = model(x.to(dtype), t, captions[n:], lengths[n:]).float()
+                pos = model(x.to(dtype), t, captions[:n], lengths[:n], **extra).float()
+                neg = model(x.to(dtype), t, captions[n:], lengths[n:], **extra).float()
             v = pos + scale * (pos - neg)
             if normalization > 0:
                 limit = pos.flatten(1).norm(dim=1) * normalization
                 norm = v.flatten(1).norm(dim=1)
                 v = v * torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None, None, None]
         else:
-            v = model(x.to(dtype), t, captions[:n], lengths[:n]).float()
+            v = model(x.to(dtype), t, captions[:n], lengths[:n], **extra).float()
         x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
         if callback is not None:
             callback(i + 1, total, x - schedule[i + 1].to(device) * -v)

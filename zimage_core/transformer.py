@@ -19,13 +19,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ops import DEFAULT, Ops
+
+if TYPE_CHECKING:
+    from .controlnet import Control
 
 SEQ_MULTIPLE = 32  # every item's image and caption sequences are padded to a multiple of this with pad tokens
 ADALN_DIM = 256  # width of the timestep conditioning vector
@@ -396,13 +399,15 @@ class ZImageTransformer(nn.Module):
         return token.to(like.device, torch.float32)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None,
+        control: Control | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Predict the flow velocity `x0 - noise` (the official model's raw output).
 
         x: latents (B, C, H, W), H and W multiples of the patch size; t: model time (B,), 1 - sigma;
         cap_feats: text features (B, L, cap_feat_dim) of which item i uses the first `cap_lens[i]` rows.
         Items of different image sizes go in separate calls (the result equals a mixed-size reference batch).
+        control: a ControlNet and its input (`controlnet.py`), whose hints join the refiner and the layers.
         """
         cfg, p = self.cfg, self.cfg.patch_size
         bsz, _, hgt, wid = x.shape
@@ -420,8 +425,10 @@ class ZImageTransformer(nn.Module):
 
         img = self.x_embedder(patchify(x, p).to(dt)).float()
         img = torch.cat([img, self.pad(self.x_pad_token, img).expand(bsz, n_all - n, -1)], dim=1)
-        for block in self.noise_refiner:
+        run = control.begin(self, img, shape, cond, dt) if control is not None else None
+        for i, block in enumerate(self.noise_refiner):
             img = block(img, shape.img_rope, None, dt, cond)
+            img = run.after_refiner(i, img) if run else img
 
         cap = F.pad(cap_feats[:, :l_all], (0, 0, 0, max(0, l_all - cap_feats.shape[1])))
         cap = torch.where(shape.cap_real, self.project(self.cap_embedder, cap), self.pad(self.cap_pad_token, cap))
@@ -429,8 +436,11 @@ class ZImageTransformer(nn.Module):
             cap = block(cap, shape.cap_rope, shape.cap_mask, dt)
 
         seq = torch.cat([img, cap], dim=1)
-        for block in self.layers:
+        if run:
+            run.begin_layers(seq, cap)
+        for i, block in enumerate(self.layers):
             seq = block(seq, shape.rope, shape.mask, dt, cond)
+            seq = run.after_layer(i, seq) if run else seq
 
         return unpatchify(self.final_layer(seq[:, :n], cond, dt), x.shape, p).to(x.dtype)
 

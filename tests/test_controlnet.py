@@ -1,0 +1,240 @@
+"""The Fun ControlNet Union, every released layout, against diffusers' ZImageControlNetPipeline and
+ZImageControlNetInpaintPipeline on the same tiny random components (real layer counts, tiny widths), with guidance
+off and on.
+
+diffusers computes the authors' hints but drops the refiner hints from its base transformer; VideoX-Fun (the
+authors' code) and ComfyUI add them after each noise-refiner layer. The 2.x references here are diffusers'
+pipelines with exactly that added (`authors_refiner`), so what is compared is everything else: 1.0 has no refiner
+hints and is compared with diffusers unchanged.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
+from diffusers.models.controlnets.controlnet_z_image import ZImageControlNetModel
+from helpers import (
+    QWEN3_TINY,
+    REAL,
+    VAE_TINY,
+    randomize_,
+    reference_qwen3,
+    reference_transformer,
+    reference_vae,
+    write_file,
+)
+from transformers import AutoTokenizer
+
+from zimage_core.checkpoint import CheckpointError
+from zimage_core.controlnet import Control, control_context, load_controlnet
+from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
+from zimage_core.sampling import control_range, noise, sample, sigmas
+from zimage_core.text_encoder import BUNDLED_TOKENIZER
+
+# diffusers' pipeline-test widths with the released 30 layers and 2 refiner layers, so the real places are used
+TRANSFORMER = dict(REAL, dim=32, n_layers=30, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                   axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])  # fmt: skip
+EVEN = list(range(0, 30, 2))
+# version -> (diffusers' control_layers_places, control_in_dim, add_control_noise_refiner), from VideoX-Fun's configs
+VERSIONS = {
+    "1.0": ([0, 5, 10, 15, 20, 25], 16, None),
+    "2.0": (EVEN, 33, "control_layers"),
+    "2.1": (EVEN, 33, "control_noise_refiner"),
+    "2.1 lite": ([0, 10, 20], 33, "control_noise_refiner"),
+}
+
+
+def reference_controlnet(version: str, seed: int) -> ZImageControlNetModel:
+    places, in_dim, refiner = VERSIONS[version]
+    with torch.device("meta"):
+        model = ZImageControlNetModel(control_layers_places=places, control_refiner_layers_places=[0, 1],
+                                      control_in_dim=in_dim, add_control_noise_refiner=refiner, dim=32,
+                                      n_refiner_layers=2, n_heads=2, n_kv_heads=2)  # fmt: skip
+    return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+
+
+def released_tensors(net: ZImageControlNetModel, version: str, with_refiner: bool = True) -> dict:
+    """The file as alibaba-pai ships it: diffusers' names; a 2.0 file also carries the refiner it never used,
+    with zero projections (ComfyUI and diffusers tell 2.0 by them)."""
+    sd = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("control_")}
+    if version == "2.0" and with_refiner:
+        unused = reference_controlnet("2.1", seed=99).state_dict()
+        for k, v in unused.items():
+            if k.startswith("control_noise_refiner."):
+                sd[k] = torch.zeros_like(v) if "_proj." in k else v
+    return sd
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnet")
+    transformer = reference_transformer(TRANSFORMER, seed=0)
+    text_encoder, vae = reference_qwen3(QWEN3_TINY, seed=1), reference_vae(VAE_TINY, seed=2)
+    for name, model in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)):
+        model.save_pretrained(root / name)
+    nets, files = {}, {}
+    for i, version in enumerate(VERSIONS):
+        nets[version] = reference_controlnet(version, seed=10 + i)
+        files[version] = write_file(root / f"control {version}.safetensors", released_tensors(nets[version], version))
+    parts = {"scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0), "vae": vae, "text_encoder": text_encoder,
+                 "tokenizer": AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER)), "transformer": transformer}  # fmt: skip
+    ours = (load_transformer(root / "transformer", dtype=torch.float32),
+            load_text_encoder(root / "text_encoder", dtype=torch.float32), load_vae(root / "vae"))  # fmt: skip
+    return parts, nets, files, ours, root
+
+
+@contextlib.contextmanager
+def authors_refiner(pipe):
+    """diffusers' pipeline with the controlnet's refiner hints also added after the base model's noise-refiner
+    layers, as VideoX-Fun's `BaseZImageTransformerBlock` adds them (the hints are diffusers' own, captured)."""
+    net, transformer = pipe.controlnet, pipe.transformer
+    if net.add_control_noise_refiner is None:
+        yield
+        return
+    state = {"hints": None, "scale": 1.0, "on": False}
+    net_forward, transformer_forward = net.forward, transformer.forward
+
+    def controlnet(*args, conditioning_scale=1.0, **kwargs):
+        state.update(hints=None, scale=conditioning_scale)
+        return net_forward(*args, conditioning_scale=conditioning_scale, **kwargs)
+
+    def base(*args, **kwargs):
+        state["on"] = True
+        try:
+            return transformer_forward(*args, **kwargs)
+        finally:
+            state["on"] = False
+
+    def capture(module, args, out):  # the refiner stage is the first call of its last block
+        if state["hints"] is None:
+            state["hints"] = torch.unbind(out)[:-1]
+
+    def add(i):
+        return lambda module, args, out: out + state["hints"][i] * state["scale"] if state["on"] else out
+
+    stage = net.control_layers if net.add_control_noise_refiner == "control_layers" else net.control_noise_refiner
+    hooks = [stage[-1].register_forward_hook(capture)]
+    hooks += [layer.register_forward_hook(add(i)) for i, layer in enumerate(transformer.noise_refiner)]
+    net.forward, transformer.forward = controlnet, base
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        del net.forward, transformer.forward
+
+
+def test_every_version_is_told_from_its_keys(components):
+    _, nets, files, _, root = components
+    expected = {"1.0": (6, "alone", 16), "2.0": (15, "control layers", 33), "2.1": (15, "hints", 33),
+                "2.1 lite": (3, "hints", 33)}  # fmt: skip
+    for version, path in files.items():
+        net = load_controlnet(path, dtype=torch.float32)
+        layout = net.layout
+        assert (layout.version, layout.control_layers, layout.refiner, layout.in_channels) == (
+            version,
+            *expected[version],
+        )
+        assert list(layout.places(30)) == VERSIONS[version][0]
+        assert net.info.version == version
+    without = write_file(root / "2.0 without refiner.safetensors", released_tensors(nets["2.0"], "2.0", False))
+    assert load_controlnet(without).layout.version == "2.0"  # diffusers' converted 2.0 drops the unused refiner
+    assert not hasattr(load_controlnet(files["2.0"]), "control_noise_refiner")  # its zero refiner is not held
+
+
+def images(seed: int, n: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("scale,steps", [(0.0, 4), (2.5, 3)])
+def test_control_equals_diffusers_pipeline(components, version, scale, steps):
+    parts, nets, files, (transformer, encoder, vae), _ = components
+    pipe = ZImageControlNetPipeline(**parts, controlnet=nets[version])
+    prompts, seeds, strength = ["dance monkey", "a red fox"], [3, 4], 0.75
+    control_images = images(5)
+
+    def reference(output_type):
+        with authors_refiner(pipe):
+            return pipe(list(prompts), height=32, width=32, num_inference_steps=steps, guidance_scale=scale,
+                        control_image=control_images.movedim(-1, 1) * 2 - 1, controlnet_conditioning_scale=strength,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type=output_type).images  # fmt: skip
+
+    expected, expected_image = reference("latent"), torch.from_numpy(reference("np"))
+    net = load_controlnet(files[version], dtype=torch.float32)
+    control = Control(net, control_context(vae, net.layout, image=control_images), strength)
+    cond, uncond = encoder.encode(prompts), encoder.encode(["", ""]) if scale > 0 else None
+    latents = sample(transformer, noise((16, 16, 16), seeds), cond, uncond, sigmas(steps), scale, control=control)
+    assert (latents - expected).abs().max() <= 1e-4
+    assert (vae.decode(vae.cfg.denormalize(latents)) - expected_image).abs().max() <= 2 / 255
+    plain = sample(transformer, noise((16, 16, 16), seeds), cond, uncond, sigmas(steps), scale)
+    assert (plain - latents).abs().max() > 0.05  # the control changed the image
+
+
+@pytest.mark.parametrize("version", ["2.0", "2.1", "2.1 lite"])
+@pytest.mark.parametrize("scale", [0.0, 2.0])
+def test_inpaint_equals_diffusers_inpaint_pipeline(components, version, scale):
+    parts, nets, files, (transformer, encoder, vae), _ = components
+    pipe = ZImageControlNetInpaintPipeline(**parts, controlnet=nets[version])
+    prompts, seeds, steps = ["dance monkey", "a red fox"], [6, 7], 3
+    control_images, pictures = images(8), images(9, 2)
+    masks = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(10))  # grey levels: binarized at 0.5
+
+    def reference(output_type):
+        with authors_refiner(pipe):
+            return pipe(list(prompts), image=pictures.movedim(-1, 1) * 2 - 1, mask_image=masks[:, None],
+                        control_image=control_images.movedim(-1, 1) * 2 - 1, height=32, width=32,
+                        num_inference_steps=steps, guidance_scale=scale, controlnet_conditioning_scale=0.9,
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type=output_type).images  # fmt: skip
+
+    expected, expected_image = reference("latent"), torch.from_numpy(reference("np"))
+    net = load_controlnet(files[version], dtype=torch.float32)
+    context = control_context(vae, net.layout, image=control_images, inpaint=pictures, mask=masks)
+    assert context.shape == (2, 33, 16, 16)
+    cond, uncond = encoder.encode(prompts), encoder.encode(["", ""]) if scale > 0 else None
+    latents = sample(transformer, noise((16, 16, 16), seeds), cond, uncond, sigmas(steps), scale,
+                     control=Control(net, context, 0.9))  # fmt: skip
+    assert (latents - expected).abs().max() <= 1e-4
+    assert (vae.decode(vae.cfg.denormalize(latents)) - expected_image).abs().max() <= 2 / 255
+
+
+def test_strength_and_range_decide_which_evaluations_see_the_control(components):
+    _, _, files, (transformer, encoder, vae), _ = components
+    net = load_controlnet(files["2.1"], dtype=torch.float32)
+    context = control_context(vae, net.layout, image=images(11))
+    cond, start, schedule = encoder.encode(["a cat"]), noise((16, 16, 16), [1]), sigmas(4)
+    plain = sample(transformer, start, cond, schedule=schedule)
+    for off in (Control(net, context, 0.0), Control(net, context, 1.0, (0.0, 0.0))):
+        assert (sample(transformer, start, cond, schedule=schedule, control=off) - plain).abs().max() <= 1e-6
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append("control" in kwargs)
+        return transformer(*args, **kwargs)
+
+    counting.cfg, counting.device, counting.dtype = transformer.cfg, transformer.device, transformer.dtype
+    high, low = control_range(0.0, 0.5)
+    sample(counting, start, cond, schedule=schedule, control=Control(net, context, 1.0, (high, low)))
+    # sigmas 1, 0.9, 0.75, 0.5 (shift 3); the first half of the process ends at shift(0.5) = 0.75
+    assert calls == [bool(low <= s <= high) for s in schedule[:-1].tolist()] == [True, True, True, False]
+
+
+def test_inputs_that_do_not_fit_are_refused_clearly(components):
+    _, _, files, (transformer, encoder, vae), root = components
+    v1 = load_controlnet(files["1.0"], dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"\(1.0\) cannot inpaint: use a 2.0 or 2.1"):
+        control_context(vae, v1.layout, image=images(1), inpaint=images(2), mask=torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="give them one size"):
+        control_context(vae, load_controlnet(files["2.1"]).layout, image=images(1), inpaint=images(2, size=48))
+    wrong_size = Control(v1, control_context(vae, v1.layout, image=images(1, size=48)))
+    with pytest.raises(ValueError, match="resize the control image"):
+        sample(transformer, noise((16, 16, 16), [0]), encoder.encode(["a"]), schedule=sigmas(2), control=wrong_size)
+    flux = write_file(root / "flux_controlnet.safetensors", {"controlnet_blocks.0.weight": torch.zeros(4, 4),
+                                                             "double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)})  # fmt: skip
+    lora = write_file(
+        root / "style_lora.safetensors", {"lora_unet_layers_0_attention_qkv.lora_down.weight": torch.zeros(2, 4)}
+    )
+    for path, what in ((flux, "a Flux transformer"), (lora, "a LoRA"), (root / "transformer", "a Z-Image transformer")):
+        with pytest.raises(CheckpointError, match=f"not a Z-Image Fun ControlNet: it looks like {what}"):
+            load_controlnet(path)
