@@ -158,8 +158,8 @@ class Direct:
             transformer.dtype,
         )
 
-    def __call__(self, x, t, captions, lengths):
-        return ZImageTransformer.forward(self.transformer, x, t, captions, lengths)
+    def __call__(self, x, t, captions, lengths, control=None):
+        return ZImageTransformer.forward(self.transformer, x, t, captions, lengths, control)
 
     def forward_omni(self, *args):
         return self.transformer.forward_omni(*args)

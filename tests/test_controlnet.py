@@ -9,7 +9,9 @@ hints and is compared with diffusers unchanged.
 """
 
 import contextlib
+import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
@@ -24,8 +26,10 @@ from helpers import (
     reference_vae,
     write_file,
 )
+from PIL import Image
 from transformers import AutoTokenizer
 
+from zimage_core.__main__ import main
 from zimage_core.checkpoint import CheckpointError
 from zimage_core.controlnet import Control, control_context, load_controlnet
 from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
@@ -238,3 +242,51 @@ def test_inputs_that_do_not_fit_are_refused_clearly(components):
     for path, what in ((flux, "a Flux transformer"), (lora, "a LoRA"), (root / "transformer", "a Z-Image transformer")):
         with pytest.raises(CheckpointError, match=f"not a Z-Image Fun ControlNet: it looks like {what}"):
             load_controlnet(path)
+
+
+def test_generate_command_follows_a_control_image_and_inpaints(components, tmp_path, capsys):
+    """`generate --control --control-model` with the 2.1 inpaint inputs equals diffusers' inpaint pipeline (with the
+    authors' refiner hints); the size comes from the control image, the strength and range go to the PNG."""
+    parts, nets, files, _, root = components
+    pictures = {name: (images(seed) * 255).round() / 255 for name, seed in (("control", 12), ("inpaint", 13))}
+    mask = (torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(14)) > 0.5).float()
+    for name, x in pictures.items():
+        Image.fromarray((x[0] * 255).byte().numpy()).save(tmp_path / f"{name}.png")
+    Image.fromarray((mask[0] * 255).byte().numpy()).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "--prompt", "a red fox", "--model", str(root), "--steps", "3", "--cfg", "1",
+                 "--seed", "21", "--dtype", "fp32", "--control", str(tmp_path / "control.png"),
+                 "--control-model", str(files["2.1"]), "--control-strength", "0.8",
+                 "--control-inpaint", str(tmp_path / "inpaint.png"), "--control-mask", str(tmp_path / "mask.png"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    pipe = ZImageControlNetInpaintPipeline(**parts, controlnet=nets["2.1"])
+    with authors_refiner(pipe):
+        expected = pipe(["a red fox"], image=pictures["inpaint"].movedim(-1, 1) * 2 - 1, mask_image=mask[:, None],
+                        control_image=pictures["control"].movedim(-1, 1) * 2 - 1, height=32, width=32,
+                        num_inference_steps=3, guidance_scale=0.0, controlnet_conditioning_scale=0.8,
+                        generator=[torch.Generator().manual_seed(21)], output_type="np").images  # fmt: skip
+    with Image.open(out) as png:
+        made = torch.from_numpy(np.asarray(png, dtype=np.float32) / 255)
+        params = json.loads(png.text["parameters"])
+    assert made.shape == (32, 32, 3) and (made - torch.from_numpy(expected[0])).abs().max() <= 2 / 255 + 1 / 510
+    assert params["control"]["strength"] == 0.8 and params["control"]["range"] == [0.0, 1.0]
+    assert main(["generate", "--prompt", "a", "--model", str(root), "--control", str(tmp_path / "control.png"),
+                 "--out", str(out)]) != 0  # fmt: skip
+    assert "need --control-model: the ControlNet file" in capsys.readouterr().err
+
+
+def test_fp8_and_bf16_files_predict_as_the_values_they_hold(components, tmp_path):
+    """An fp8 file stays fp8 in memory (cast per call) and predicts as an fp32 file of the same rounded values."""
+    _, nets, _, (transformer, encoder, vae), _ = components
+    sd = released_tensors(nets["2.1"], "2.1")
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in sd.items()}
+    held = load_controlnet(write_file(tmp_path / "fp8.safetensors", fp8), dtype=torch.float32)
+    same = load_controlnet(write_file(tmp_path / "fp32.safetensors", {k: v.float() for k, v in fp8.items()}),
+                           dtype=torch.float32)  # fmt: skip
+    assert held.control_layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn
+    bf16 = load_controlnet(write_file(tmp_path / "bf16.safetensors", {k: v.bfloat16() for k, v in sd.items()}))
+    assert bf16.control_layers[0].attention.qkv.weight.dtype == torch.bfloat16 and bf16.info.version == "2.1"
+    context = control_context(vae, held.layout, image=images(15))
+    cond, start = encoder.encode(["a cat"]), noise((16, 16, 16), [2])
+    a, b = (sample(transformer, start, cond, schedule=sigmas(3), control=Control(n, context)) for n in (held, same))
+    assert (a - b).abs().max() <= 1e-5

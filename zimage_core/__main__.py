@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import limits
 from .checkpoint import CheckpointError
+from .controlnet import ControlRequest
 from .loaders import LOADERS, components
 from .pipeline import TINY_RANDOM, find_models
 from .pipeline import generate as pipeline_generate
@@ -151,6 +152,18 @@ def generate(args) -> int:
     if mask is not None and init is None:
         raise ValueError("--mask needs --init-image: the mask says which part of that image to repaint")
     strength = args.strength if args.strength is not None else (1.0 if mask is not None else 0.6)  # diffusers
+    control = None
+    if args.control or args.control_inpaint:
+        if not args.control_model:
+            raise ValueError("--control and --control-inpaint need --control-model: the ControlNet file")
+        control = ControlRequest(
+            args.control_model, read_image(args.control, "RGB") if args.control else None,
+            read_image(args.control_inpaint, "RGB") if args.control_inpaint else None,
+            read_image(args.control_mask, "L")[..., 0] if args.control_mask else None,
+            args.control_strength, args.control_start, args.control_end,
+        )  # fmt: skip
+    elif args.control_model or args.control_mask:
+        raise ValueError("--control-model and --control-mask need --control IMAGE or --control-inpaint IMAGE")
     bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr)
 
     def progress(step: int, total: int, x0: torch.Tensor):
@@ -161,7 +174,7 @@ def generate(args) -> int:
         models, [args.prompt] * args.batch, [args.negative] * args.batch if args.negative else None,
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
         strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
-        vae_dtype=DTYPES[args.vae_dtype], loras=args.lora,
+        vae_dtype=DTYPES[args.vae_dtype], loras=args.lora, control=control,
     )  # fmt: skip
     for note in result.loras:
         print(note, file=sys.stderr)
@@ -178,6 +191,9 @@ def generate(args) -> int:
             "edit_images": [str(e) for e in args.edit_image] or None,
             "variety": [args.variety, args.variety_steps] if args.variety else None,
             "loras": [[str(path), s] for path, s in args.lora] or None,
+            "control": control and {"model": str(args.control_model), "image": args.control,
+                                    "inpaint": args.control_inpaint, "mask": args.control_mask,
+                                    "strength": args.control_strength, "range": [args.control_start, args.control_end]},
             "sampler": "euler, shift 3", "models": {k: str(v) for k, v in vars(models).items()},
         }  # fmt: skip
         info.add_text("parameters", json.dumps(params, ensure_ascii=False))
@@ -247,6 +263,13 @@ def main(argv=None) -> int:
         metavar="FILE[:STRENGTH]",
         help="apply a LoRA (any trainer's format) at STRENGTH (default 1); repeat to stack",
     )
+    p.add_argument("--control", metavar="IMAGE", help="ControlNet: the control image (canny, depth, pose, ...)")
+    p.add_argument("--control-model", metavar="FILE", help="a Z-Image Fun ControlNet Union file (1.0, 2.0, 2.1, lite)")
+    p.add_argument("--control-strength", type=float, default=0.75, help="how strongly it steers (default 0.75)")
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the process it starts at (default 0)")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the process it ends at (default 1)")
+    p.add_argument("--control-inpaint", metavar="IMAGE", help="ControlNet 2.x inpainting: the image to repaint")
+    p.add_argument("--control-mask", metavar="MASK", help="with --control-inpaint: grayscale, white = repaint")
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
     p.set_defaults(run=generate)

@@ -189,6 +189,8 @@ def control_context(vae, layout: ControlLayout, image=None, inpaint=None, mask=N
         raise ValueError("a ControlNet needs a control image or an image to inpaint")
     if not layout.inpaints and (inpaint is not None or mask is not None):
         raise ValueError(f"this ControlNet ({layout.version}) cannot inpaint: use a 2.0 or 2.1 Union ControlNet")
+    if mask is not None and inpaint is None:
+        raise ValueError("a ControlNet inpaint mask needs the image to inpaint: give the inpaint image too")
     size = tuple(given.shape[1:3])
     for name, x in (("control image", image), ("inpaint image", inpaint), ("mask", mask)):
         if x is not None and tuple(x.shape[-3:-1] if name != "mask" else x.shape[-2:]) != size:
@@ -215,6 +217,33 @@ def control_context(vae, layout: ControlLayout, image=None, inpaint=None, mask=N
         n = max(len(parts[0]), len(latents))
         parts = [t.expand(n, -1, -1, -1) if len(t) == 1 else t for t in (parts[0], keep, latents)]
     return torch.cat(parts, dim=1)
+
+
+@dataclass
+class ControlRequest:
+    """A ControlNet as a caller asks for it, before anything is loaded: the file, the images (B or 1, H, W, 3) in
+    [0, 1] and mask (B or 1, H, W) at any size (resized to the image being made), strength and the fractions of the
+    process it acts in. The default strength is diffusers' pipelines' 0.75, inside the model card's 0.65-1.0."""
+
+    model: str | Path
+    image: torch.Tensor | None = None
+    inpaint: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    strength: float = 0.75
+    start: float = 0.0
+    end: float = 1.0
+
+    def resized(self, width: int, height: int) -> tuple:
+        """(image, inpaint, mask) at the size being made: images bicubic, the mask nearest (it is binarized)."""
+
+        def scale(x, mode):
+            if x is None or tuple(x.shape[1:3]) == (height, width):
+                return x
+            out = F.interpolate(x.movedim(-1, 1).float(), size=(height, width), mode=mode)
+            return out.clamp(0, 1).movedim(1, -1)
+
+        mask = None if self.mask is None else scale(self.mask[..., None], "nearest")[..., 0]
+        return scale(self.image, "bicubic"), scale(self.inpaint, "bicubic"), mask
 
 
 @dataclass

@@ -29,6 +29,7 @@ BATCH = Range(1, 64)
 SEED = Range(0, 2**64 - 1)
 MAX_LENGTH = Range(0, 65536)  # tokens per prompt; 0 keeps every token
 LORA_STRENGTH = Range(-100.0, 100.0)  # ComfyUI's LoRA loaders'
+CONTROL_STRENGTH = Range(-10.0, 10.0)  # ComfyUI's ZImageFunControlnet's
 
 
 def number(name: str, value, allowed: Range, integer: bool = False):

@@ -19,10 +19,11 @@ from transformers import Qwen3Config
 
 from . import limits
 from .checkpoint import CheckpointError
+from .controlnet import Control, ControlRequest, control_context, load_controlnet
 from .edit import EditConditioning, encode_prompts, prepare_references, reference_latents, siglip_features
 from .loaders import LOADERS, load_siglip, transformer_facts
 from .lora import apply_loras, check_file, linear_shapes, read_lora
-from .sampling import PATCH, SHIFT, VARIANT_SETTINGS, denoise, encode_with_noise, start_index
+from .sampling import PATCH, SHIFT, VARIANT_SETTINGS, control_range, denoise, encode_with_noise, start_index
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import VAE, VAEConfig
@@ -176,6 +177,7 @@ def generate(
     cancelled: Callable[[], bool] | None = None,
     vae_dtype: torch.dtype = torch.float32,
     loras: list[tuple[str | Path, float]] | None = None,
+    control: ControlRequest | None = None,
 ) -> Result:
     """Text-to-image (1024x1024 unless sized), img2img (`init_images`, `strength`), inpaint (`masks` (B, H, W),
     1 = repaint) or edit (`references`: images an Omni/Edit transformer follows; the size defaults to the last's).
@@ -189,6 +191,7 @@ def generate(
     The VAE computes in `vae_dtype`, fp32 as the official pipeline and the VAE loader node's default (diffusers'
     edit pipeline runs it in bf16). The returned latents are the sampler's, unrounded.
     `loras` (file, strength) are merged into the transformer's weights (compact weights take them per call).
+    `control`: a Fun ControlNet Union and what it follows (its images set the size when none is given).
     """
     steps, cfg = variant_settings(models.transformer, steps, cfg)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
@@ -200,6 +203,13 @@ def generate(
         limits.number("seed", seed, limits.SEED, integer=True)
     if references and (init_images is not None or variety > 0):
         raise ValueError("reference images (edit) do not combine with an init image or seed variety")
+    if control is not None:
+        if references:
+            raise ValueError("a ControlNet conditions text-to-image sampling; it does not combine with edit images")
+        limits.number("ControlNet strength", control.strength, limits.CONTROL_STRENGTH)
+        sigma_range = control_range(control.start, control.end)
+        if not Path(control.model).is_file():
+            raise CheckpointError(f"{control.model}: no such ControlNet file.")
     n_refs = len(references or [])
     vae = load("vae", models.vae, device, vae_dtype)  # small, and it tells the size rules before anything slow
     cell = vae.cfg.factor * PATCH
@@ -210,8 +220,15 @@ def generate(
         refs = reference_latents(vae, cropped)
         features = siglip_features(*load("siglip", models.siglip, device, dtype), resized)
         release(device)
+    given = control and next((x for x in (control.image, control.inpaint) if x is not None), None)
+    if given is not None and not (width and height):  # as diffusers' ControlNet pipelines: the control image's size
+        width, height = (d // cell * cell for d in (given.shape[2], given.shape[1]))
     width, height = width or 1024, height or 1024
     limits.size(width, height, cell)
+    if control is not None:
+        net = load_controlnet(control.model, device, dtype)
+        context = control_context(vae, net.layout, *control.resized(width, height))
+        control = Control(net, context, control.strength, sigma_range)
     if init_images is not None:
         start_index(steps, strength)  # a strength that leaves no step fails here, not after loading
     encoder = load("text_encoder", models.text_encoder, device, dtype)
@@ -247,8 +264,9 @@ def generate(
         cond = EditConditioning(cond, refs, features)
     latents = denoise(transformer, cond, uncond, seeds, steps, cfg, shape=shape, clean=clean, start_noise=start,
                       strength=strength, masks=masks if clean is not None else None, variety=variety,
-                      variety_steps=variety_steps, factor=vae.cfg.factor, callback=callback, cancelled=cancelled)  # fmt: skip
-    del transformer
+                      variety_steps=variety_steps, factor=vae.cfg.factor, callback=callback, cancelled=cancelled,
+                      control=control)  # fmt: skip
+    del transformer, control
     release(device)
     z = vae.cfg.denormalize(latents)  # float32: what a ComfyUI LATENT holds; decode casts to the VAE's dtype
     return Result(vae.decode(z), z.cpu(), cond.dropped, steps, cfg, notes)

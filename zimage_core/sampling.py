@@ -215,6 +215,7 @@ def denoise(
     factor: int = FACTOR,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """Sample one image's latents per seed, in the transformer's (normalized) latent space, float32.
 
@@ -254,4 +255,4 @@ def denoise(
             inpaint = (clean, start_noise, mask.expand(n, -1, -1, -1))
     varied = (vary(cond, seeds, variety), variety_steps) if variety > 0 else None
     return sample(transformer, latents, cond, uncond, schedule, cfg - 1, callback=callback, cancelled=cancelled,
-                  inpaint=inpaint, variety=varied)  # fmt: skip
+                  inpaint=inpaint, variety=varied, control=control)  # fmt: skip

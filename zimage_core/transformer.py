@@ -19,16 +19,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ops import DEFAULT, Ops
-
-if TYPE_CHECKING:
-    from .controlnet import Control
 
 SEQ_MULTIPLE = 32  # every item's image and caption sequences are padded to a multiple of this with pad tokens
 ADALN_DIM = 256  # width of the timestep conditioning vector
@@ -400,14 +397,14 @@ class ZImageTransformer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None,
-        control: Control | None = None,
+        control=None,
     ) -> torch.Tensor:  # fmt: skip
         """Predict the flow velocity `x0 - noise` (the official model's raw output).
 
         x: latents (B, C, H, W), H and W multiples of the patch size; t: model time (B,), 1 - sigma;
         cap_feats: text features (B, L, cap_feat_dim) of which item i uses the first `cap_lens[i]` rows.
         Items of different image sizes go in separate calls (the result equals a mixed-size reference batch).
-        control: a ControlNet and its input (`controlnet.py`), whose hints join the refiner and the layers.
+        control: a `controlnet.Control` (a ControlNet and its input), whose hints join the refiner and the layers.
         """
         cfg, p = self.cfg, self.cfg.patch_size
         bsz, _, hgt, wid = x.shape
