@@ -98,11 +98,10 @@ class ZImageControlNet(nn.Module):
                 ControlBlock(cfg, i == 0, ops) for i in range(cfg.n_refiner_layers)
             )
 
-    def embed(self, context: torch.Tensor, pad: torch.Tensor, n_all: int, dtype) -> torch.Tensor:
-        """Control latents (B, C, h, w) -> tokens (B, n_all, dim) in fp32, the image's pad rows its pad token."""
+    def embed(self, context: torch.Tensor, dtype) -> torch.Tensor:
+        """Control latents (B, C, h, w) -> token rows (B, h * w / p^2, dim) in fp32."""
         p = self.layout.patch_size
-        rows = self.control_all_x_embedder[f"{p}-1"](patchify(context, p).to(dtype)).float()
-        return torch.cat([rows, pad.to(rows.device, torch.float32).expand(len(rows), n_all - rows.shape[1], -1)], 1)
+        return self.control_all_x_embedder[f"{p}-1"](patchify(context, p).to(dtype)).float()
 
 
 @dataclass
@@ -128,9 +127,9 @@ class Control:
             raise ValueError(f"this ControlNet has {self.net.layout.control_layers} control layers, more than the "
                              f"transformer's {cfg.n_layers}")  # fmt: skip
         if tuple(self.context.shape[2:]) != tuple(latent_shape[-2:]):
-            h, w = self.context.shape[2:]
-            raise ValueError(f"the control image is {w * 8} x {h * 8} pixels, the image being made "
-                             f"{latent_shape[-1] * 8} x {latent_shape[-2] * 8}: resize the control image to it")  # fmt: skip
+            (h, w), (lh, lw) = self.context.shape[2:], latent_shape[-2:]
+            raise ValueError(f"the control image's latents are {w} x {h}, the image being made has {lw} x {lh}: "
+                             "resize the control image to the image's size")  # fmt: skip
 
     def begin(self, model, img: torch.Tensor, shape: Layout, cond: torch.Tensor, dtype) -> ControlRun:
         return ControlRun(self, model, img, shape, cond, dtype)
@@ -147,7 +146,7 @@ class ControlRun:
         if bsz % len(context):
             raise ValueError(f"{len(context)} control inputs for a batch of {bsz}")
         context = context.repeat(bsz // len(context), 1, 1, 1)  # guidance batches cond items, then uncond items
-        c = net.embed(context, model.x_pad_token, img.shape[1], dtype)
+        c = model.padded(net.embed(context, dtype), img.shape[1])  # pad rows as the image's
         self.refiner_hints: list[torch.Tensor] = []
         if net.layout.refiner == "alone":
             for block in net.control_noise_refiner:
@@ -192,10 +191,10 @@ def control_context(vae, layout: ControlLayout, image=None, inpaint=None, mask=N
     if mask is not None and inpaint is None:
         raise ValueError("a ControlNet inpaint mask needs the image to inpaint: give the inpaint image too")
     size = tuple(given.shape[1:3])
-    for name, x in (("control image", image), ("inpaint image", inpaint), ("mask", mask)):
-        if x is not None and tuple(x.shape[-3:-1] if name != "mask" else x.shape[-2:]) != size:
-            raise ValueError(f"the {name} is {x.shape[-2] if name != 'mask' else x.shape[-1]} x "
-                             f"{x.shape[-3] if name != 'mask' else x.shape[-2]}, the other inputs {size[1]} x {size[0]}: "
+    for name, hw in (("control image", image), ("inpaint image", inpaint), ("mask", mask)):
+        hw = None if hw is None else tuple(hw.shape[-2:] if name == "mask" else hw.shape[1:3])
+        if hw is not None and hw != size:
+            raise ValueError(f"the {name} is {hw[1]} x {hw[0]}, the other inputs {size[1]} x {size[0]}: "
                              "give them one size")  # fmt: skip
 
     def encode(pixels):
@@ -300,6 +299,7 @@ def load_controlnet(
         dim = ckpt.shape(sources["control_layers.0.after_proj.weight"][0])[0]
         head_dim = ckpt.shape(sources["control_layers.0.attention.q_norm.weight"][0])[0]
         refiners = len({n.split(".")[1] for n in sources if n.startswith("control_noise_refiner.")}) or 2
+        # the blocks' widths; RoPE and the layer count come from the transformer the ControlNet joins
         cfg = TransformerConfig(dim=dim, n_heads=dim // head_dim, n_layers=0, n_refiner_layers=refiners,
                                 axes_dims=(head_dim,), axes_lens=(1,), patch_size=layout.patch_size)  # fmt: skip
         with torch.device("meta"):
@@ -311,6 +311,6 @@ def load_controlnet(
                 "Z-Image ControlNet", model, ckpt, prefix, {"dim": dim, "heads": dim // head_dim}, device, dtype
             ),
             version=layout.version,
-            places=layout.places(30),
+            places=layout.places(TransformerConfig().n_layers),  # in the released transformer
         )
     return model.eval().requires_grad_(False)

@@ -395,6 +395,10 @@ class ZImageTransformer(nn.Module):
     def pad(self, token: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
         return token.to(like.device, torch.float32)
 
+    def padded(self, rows: torch.Tensor, n_all: int) -> torch.Tensor:
+        """Image-token rows (B, n, dim) followed by the image pad token up to `n_all` rows."""
+        return torch.cat([rows, self.pad(self.x_pad_token, rows).expand(len(rows), n_all - rows.shape[1], -1)], 1)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None,
         control=None,
@@ -421,7 +425,7 @@ class ZImageTransformer(nn.Module):
         cond = self.t_embedder(t * cfg.t_scale, dt)[:, None]
 
         img = self.x_embedder(patchify(x, p).to(dt)).float()
-        img = torch.cat([img, self.pad(self.x_pad_token, img).expand(bsz, n_all - n, -1)], dim=1)
+        img = self.padded(img, n_all)
         run = control.begin(self, img, shape, cond, dt) if control is not None else None
         for i, block in enumerate(self.noise_refiner):
             img = block(img, shape.img_rope, None, dt, cond)
