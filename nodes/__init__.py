@@ -2,6 +2,7 @@
 
 from comfy_api.v0_0_2 import ComfyExtension
 
+from .controlnet import ZImageControlNetApply, ZImageControlNetLoader
 from .edit import ZImageEditConditioning
 from .loaders import ZImageSigLIPLoader, ZImageTextEncoderLoader, ZImageTransformerLoader, ZImageVAELoader
 from .lora import ZImageLoraLoader
@@ -15,6 +16,8 @@ NODES = [
     ZImageVAELoader,
     ZImageSigLIPLoader,
     ZImageLoraLoader,
+    ZImageControlNetLoader,
+    ZImageControlNetApply,
     ZImageTextEncode,
     ZImageEditConditioning,
     ZImageSampler,

@@ -84,7 +84,8 @@ def ready(patcher, name: str, memory: tuple[int, int] | None = None):
     if name == "model":
         transformer = transformer_of(patcher, name)
         wanted, minimum = memory or (0, None)
-        mm.load_models_gpu([patcher], memory_required=wanted, minimum_memory_required=minimum)
+        extra = patcher.get_additional_models()  # a ControlNet on it, from Z-Image ControlNet Apply
+        mm.load_models_gpu([patcher, *extra], memory_required=wanted, minimum_memory_required=minimum)
         return Direct(transformer)
     kind, loader = KINDS[name]
     expect(name, patcher, comfy.model_patcher.ModelPatcher, f"a {kind} from {loader}")

@@ -130,6 +130,24 @@ class Config(HOST_ZIMAGE or comfy.supported_models.Lumina2):
         self.supported_inference_dtypes = inference_dtypes(fp16_ok)
 
 
+CONTROL = "zimage_control"  # a MODEL's transformer option: the Control that Z-Image ControlNet Apply put on it
+NATIVE_CONTROL = "ComfyUI's Apply Z-Image Fun ControlNet (ZImageFunControlnet) patches ComfyUI's own Z-Image model "\
+    "block by block, which this pack's MODEL does not run: use Z-Image ControlNet Apply with Z-Image ControlNet "\
+    "Loader (the same files, the authors' control math)"  # fmt: skip
+
+
+def control_of(options: dict, sigma: float | None = None):
+    """The Control on a MODEL's transformer options, if any (and, given `sigma`, only where it acts); native
+    block patches, which this transformer would silently ignore, are refused."""
+    patches = options.get("patches", {})
+    if patches.get("noise_refiner") or patches.get("double_block"):
+        raise ValueError(NATIVE_CONTROL)
+    entry = options.get(CONTROL)
+    if entry is None or (sigma is not None and not entry["control"].active(sigma)):
+        return None
+    return entry["control"]
+
+
 class HostTransformer(ZImageTransformer):
     """Called as ComfyUI calls NextDiT: sigma-time in, the velocity in ComfyUI's sign (noise - x0) out."""
 
@@ -144,7 +162,11 @@ class HostTransformer(ZImageTransformer):
             raise ValueError("this MODEL is an Omni/Edit transformer: ComfyUI's samplers cannot hand it reference "
                              "images, so sample it with the Z-Image Sampler and Z-Image Edit Conditioning")  # fmt: skip
         lengths = None if attention_mask is None else [int(n) for n in attention_mask.flatten(1).sum(1)]
-        return -ZImageTransformer.forward(self, x, 1 - timesteps, context, lengths)
+        control = control_of(kwargs.get("transformer_options", {}), float(timesteps.flatten()[0]))
+        if control is not None:  # under KSampler: first seen here at the latent's size
+            control = control.fitted(x.shape[-2:])
+            control.check(self.cfg, x.shape)
+        return -ZImageTransformer.forward(self, x, 1 - timesteps, context, lengths, control)
 
 
 class Direct:

@@ -1,6 +1,7 @@
 """Z-Image Sampler: the references' flow-matching Euler sampling, with ComfyUI's progress, previews and interrupt;
 or, on request, the sampling of ComfyUI's Turbo template (res_multistep, simple, shift 3) through its own KSampler."""
 
+import dataclasses
 import importlib
 
 import comfy.latent_formats
@@ -16,6 +17,7 @@ from ..zimage_core import limits, sampling
 from ..zimage_core.edit import EditConditioning
 from ..zimage_core.vae import VAEConfig
 from .loaders import expect, ready, transformer_of
+from .model import CONTROL, control_of
 from .text_encode import from_conditioning
 
 HOST_NODES = importlib.import_module("nodes")  # ComfyUI's own nodes.py (its KSampler), not this package
@@ -197,6 +199,13 @@ class ZImageSampler(io.ComfyNode):
         if edit:  # the output takes the last reference's size unless a latent says otherwise
             shape = (inner.cfg.in_channels, *positive.refs[-1].shape[2:])
         size = shape if clean is None else clean.shape[1:]
+        options = model.model_options.get("transformer_options", {})
+        control = control_of(options)
+        if control is not None:  # its input made at this size now (KSampler's calls find it made), and checked
+            if edit:
+                raise ValueError("a ControlNet steers Turbo and Base; Omni/Edit transformers take none")
+            control = control.fitted(size[-2:])
+            control.check(inner.cfg, size)
         if method == TEMPLATE:
             if edit or variety > 0:
                 raise ValueError("method comfyui_template: KSampler sees neither reference images nor seed variety; "
@@ -207,6 +216,8 @@ class ZImageSampler(io.ComfyNode):
                                           denoise if latent is not None else 1.0, shift, (len(seeds), *size)))  # fmt: skip
         if method != OFFICIAL:
             raise ValueError(f"method: '{method}' is not one of: {OFFICIAL}, {TEMPLATE}")
+        if control is not None:  # its range in this sampler's own shift
+            control = dataclasses.replace(control, sigmas=sampling.control_range(*options[CONTROL]["range"], shift))
         memory = comfy.sampler_helpers.estimate_memory(model, (len(seeds), *size), {})  # as KSampler reserves
         transformer = ready(model, "model", memory)
         progress = comfy.utils.ProgressBar(steps)
@@ -219,7 +230,7 @@ class ZImageSampler(io.ComfyNode):
         try:
             out = sampling.denoise(transformer, positive, negative, seeds, steps, cfg, shape=shape, clean=clean,
                            strength=denoise if clean is not None else 1.0, masks=mask, variety=variety, shift=shift,
-                           callback=callback, cancelled=mm.processing_interrupted)  # fmt: skip
+                           callback=callback, cancelled=mm.processing_interrupted, control=control)  # fmt: skip
         except InterruptedError:
             mm.throw_exception_if_processing_interrupted()
             raise

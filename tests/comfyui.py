@@ -38,11 +38,15 @@ MODEL_FILES = {
     "vae": ["ae.safetensors"],
     "clip_vision": ["siglip2_so400m_patch16_naflex.safetensors"],
     "loras": ["zimage_lora.safetensors", "pixel_art_style_z_image_turbo.safetensors", "flux_style_lora.safetensors"],
+    "model_patches": [
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2601-8steps.safetensors",
+        "Z-Image-Fun-Controlnet-Union-2.1.safetensors",
+    ],
 }
 SOURCES = {  # which written model each released name gets
     "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
     "vae": "vae", "clip_vision": "siglip", "loras": "lora", "pixel_art_style_z_image_turbo.safetensors": "lora_split",
-    "flux_style_lora.safetensors": "lora_flux",
+    "flux_style_lora.safetensors": "lora_flux", "model_patches": "controlnet",
 }  # fmt: skip
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
 REPORT: dict[str, dict[str, str]] = {}  # version -> what the hardening tests measured, printed at the end
@@ -144,8 +148,19 @@ def write_models(folder: Path):
                randomize_(siglip, seed=4).state_dict().items()}, folder / "siglip.safetensors")  # fmt: skip
     save_file(lora_for(transformer), folder / "lora.safetensors")
     save_file(split_lora_for(transformer), folder / "lora_split.safetensors")
+    save_file(bf16(controlnet_for_small()), folder / "controlnet.safetensors")
     flux = {f"lora_unet_double_blocks_0_img_attn_qkv.lora_{s}.weight": torch.zeros(8, 8) for s in ("up", "down")}
     save_file(flux, folder / "lora_flux.safetensors")
+
+
+def controlnet_for_small() -> dict:
+    """A Fun ControlNet Union 2.1 for the servers' transformer, in the released (diffusers) names: one control
+    layer (at layer 0 of 2) and one control refiner block, 33 input channels, so it both controls and inpaints."""
+    from helpers import SMALL, reference_controlnet
+
+    net = reference_controlnet([0], 33, "control_noise_refiner", seed=12, dim=SMALL["dim"], n_heads=SMALL["n_heads"],
+                               n_refiner_layers=SMALL["n_refiner_layers"])  # fmt: skip
+    return {k: v for k, v in net.state_dict().items() if k.startswith("control_")}
 
 
 def lora_for(transformer: dict, rank: int = 4) -> dict:
@@ -304,10 +319,13 @@ def node_of(graph: dict, class_type: str) -> str:
 
 
 def small(graph: dict, steps: int = 4, seed: int = 5, size: tuple[int, int] = SIZE) -> dict:
-    """The graph at `size` (img2img and inpaint: the input image's, 256 x 256), `steps` steps, `seed`."""
+    """The graph at `size` (img2img and inpaint: the input image's, 256 x 256; control images scaled to it),
+    `steps` steps, `seed`."""
     from zimage_core.client import job_prompt
 
-    return job_prompt(graph, [(node_of(graph, "ZImageSampler"), "steps", steps)], seed=seed, size=size)
+    sets = [(node_of(graph, "ZImageSampler"), "steps", steps)]
+    sets += [(i, "largest_size", max(size)) for i, n in graph.items() if n["class_type"] == "ImageScaleToMaxDimension"]
+    return job_prompt(graph, sets, seed=seed, size=size)
 
 
 def run(client, graph: dict, events: list | None = None, timeout: float = 300) -> dict:

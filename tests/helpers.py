@@ -67,6 +67,19 @@ def reference_transformer(config: dict, seed: int = 0) -> ZImageTransformer2DMod
     return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
 
 
+def reference_controlnet(places: list[int], in_dim: int, refiner: str | None, seed: int, dim: int = 32,
+                         n_heads: int = 2, n_refiner_layers: int = 2):  # fmt: skip
+    """diffusers' ZImageControlNetModel with seeded random weights: `places` as its control_layers_places, the
+    refiner as its add_control_noise_refiner (None, "control_layers" or "control_noise_refiner")."""
+    from diffusers.models.controlnets.controlnet_z_image import ZImageControlNetModel
+
+    with torch.device("meta"):
+        model = ZImageControlNetModel(control_layers_places=places, control_refiner_layers_places=list(
+            range(n_refiner_layers)), control_in_dim=in_dim, add_control_noise_refiner=refiner, dim=dim,
+            n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads)  # fmt: skip
+    return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+
+
 def reference_forward(model, latents: list[torch.Tensor], t, captions: list[torch.Tensor]) -> list[torch.Tensor]:
     """diffusers' list API: latents (C, H, W) each, returns (C, H, W) each."""
     with torch.no_grad():

@@ -11,6 +11,7 @@ hints and is compared with diffusers unchanged.
 import contextlib
 import json
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,6 @@ from helpers import (
     QWEN3_TINY,
     REAL,
     VAE_TINY,
-    randomize_,
     reference_qwen3,
     reference_transformer,
     reference_vae,
@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 
 from zimage_core.__main__ import main
 from zimage_core.checkpoint import CheckpointError
-from zimage_core.controlnet import Control, control_context, load_controlnet
+from zimage_core.controlnet import Control, ControlRequest, control_context, load_controlnet
 from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
 from zimage_core.sampling import control_range, noise, sample, sigmas
 from zimage_core.text_encoder import BUNDLED_TOKENIZER
@@ -50,12 +50,7 @@ VERSIONS = {
 
 
 def reference_controlnet(version: str, seed: int) -> ZImageControlNetModel:
-    places, in_dim, refiner = VERSIONS[version]
-    with torch.device("meta"):
-        model = ZImageControlNetModel(control_layers_places=places, control_refiner_layers_places=[0, 1],
-                                      control_in_dim=in_dim, add_control_noise_refiner=refiner, dim=32,
-                                      n_refiner_layers=2, n_heads=2, n_kv_heads=2)  # fmt: skip
-    return randomize_(model.to_empty(device="cpu"), seed).eval().requires_grad_(False)
+    return helpers.reference_controlnet(*VERSIONS[version], seed=seed)
 
 
 def released_tensors(net: ZImageControlNetModel, version: str, with_refiner: bool = True) -> dict:
@@ -222,6 +217,33 @@ def test_strength_and_range_decide_which_evaluations_see_the_control(components)
     sample(counting, start, cond, schedule=schedule, control=Control(net, context, 1.0, (high, low)))
     # sigmas 1, 0.9, 0.75, 0.5 (shift 3); the first half of the process ends at shift(0.5) = 0.75
     assert calls == [bool(low <= s <= high) for s in schedule[:-1].tolist()] == [True, True, True, False]
+
+
+def test_a_control_refits_to_other_latent_sizes_once_each_and_odd_sizes_pad_as_comfyui(components):
+    """A ComfyUI graph may make latents of another size than the control image (ComfyUI's own control patch
+    then re-encodes its image at the latent's size), odd sizes included (padded circularly to whole patches, as
+    ComfyUI's NextDiT pads them: with one step, the padded run cropped is the odd run)."""
+    _, _, files, (transformer, encoder, vae), _ = components
+    net = load_controlnet(files["2.1"], dtype=torch.float32)
+    picture, calls = images(11), []
+    request = ControlRequest("", picture)
+
+    def refit(h, w):
+        calls.append((h, w))
+        return control_context(vae, net.layout, *request.resized(w * 2, h * 2))
+
+    control = Control(net, control_context(vae, net.layout, image=picture), 1.0, refit=refit)
+    assert control.fitted((16, 16)) is control and not calls
+    odd = control.fitted((15, 13))
+    assert control.fitted((15, 13)).context is odd.context and calls == [(15, 13)]
+    assert tuple(odd.context.shape[2:]) == (15, 13)
+    cond, start = encoder.encode(["a cat"]), noise((16, 15, 13), [3])
+    got = sample(transformer, start, cond, schedule=sigmas(1), control=odd)
+    pad = lambda x: torch.nn.functional.pad(x, (0, 1, 0, 1), mode="circular")
+    whole = sample(transformer, pad(start), cond, schedule=sigmas(1), control=Control(net, pad(odd.context), 1.0))
+    assert (got - whole[..., :15, :13]).abs().max() <= 1e-5
+    plain = sample(transformer, start, cond, schedule=sigmas(1))
+    assert (got - plain).abs().max() > 1e-3  # the control acted
 
 
 def test_inputs_that_do_not_fit_are_refused_clearly(components):

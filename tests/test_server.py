@@ -19,12 +19,13 @@ from workflow_api import recorded_object_info, shipped, to_api, widget_names
 
 from zimage_core.client import ServerError, failure, job_prompt
 from zimage_core.client import main as client_main
+from zimage_core.controlnet import ControlRequest
 from zimage_core.pipeline import Models, generate
 
 OUR_NODES = [
     "ZImageTransformerLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
     "ZImageVAEDecode", "ZImageVAEEncode", "ZImageSigLIPLoader", "ZImageEditConditioning", "ZImageVAEToVAE",
-    "ZImageLoraLoader",
+    "ZImageLoraLoader", "ZImageControlNetLoader", "ZImageControlNetApply",
 ]  # fmt: skip
 
 
@@ -79,14 +80,20 @@ def test_our_latents_decode_the_same_with_the_native_vae_decode(server, client):
     assert difference.max() <= 2 and ours.std() > 1, (difference.max(), difference.mean())
 
 
-def test_nodes_make_the_pipelines_image(server, client, models):
-    """The node graph and `zimage_core.pipeline.generate` (proven against diffusers) give the same pixels."""
-    graph = small(workflow("zimage_turbo_text_to_image"), seed=11)
+def in_fp32(server, client, graph: dict) -> np.ndarray:
+    """The one image `graph` saves, with the transformer and text encoder in fp32 (as the pipeline is run here)."""
     for loader in ("ZImageTransformerLoader", "ZImageTextEncoderLoader"):
         graph[node_of(graph, loader)]["inputs"]["weight_dtype"] = "fp32"
     entry = run(client, graph)
     assert failure(entry) is None, failure(entry)
     (image,) = saved(server, entry)
+    return image
+
+
+def test_nodes_make_the_pipelines_image(server, client, models):
+    """The node graph and `zimage_core.pipeline.generate` (proven against diffusers) give the same pixels."""
+    graph = small(workflow("zimage_turbo_text_to_image"), seed=11)
+    image = in_fp32(server, client, graph)
     files = Models(models / "transformer.safetensors", models / "text_encoder.safetensors", models / "vae.safetensors")
     prompt = graph[node_of(graph, "ZImageTextEncode")]["inputs"]["text"]
     result = generate(files, [prompt], width=SIZE[0], height=SIZE[1], steps=4, seeds=[11], dtype=torch.float32)
@@ -117,6 +124,42 @@ def test_an_edit_graph_makes_the_pipelines_edit(server, client, models):
     expected = np.clip(255.0 * result.images[0].numpy(), 0, 255).astype(np.uint8)
     difference = np.abs(image.astype(int) - expected.astype(int))
     assert image.shape == expected.shape and difference.max() <= 1, (difference.max(), difference.mean())
+
+
+def test_a_controlnet_graph_makes_the_pipelines_controlled_image(server, client, models):
+    """The Turbo ControlNet workflow with its control image fed straight in (the pipeline runs no Canny) and
+    `generate(control=ControlRequest(...))` (proven against diffusers) give the same pixels."""
+    graph = small(workflow("zimage_turbo_controlnet"), seed=13)
+    load, apply = node_of(graph, "LoadImage"), node_of(graph, "ZImageControlNetApply")
+    for kind in ("ImageScaleToMaxDimension", "Canny", "PreviewImage"):
+        del graph[node_of(graph, kind)]
+    graph[apply]["inputs"]["image"] = graph[node_of(graph, "GetImageSize")]["inputs"]["image"] = [load, 0]
+    image = in_fp32(server, client, graph)
+    files = Models(models / "transformer.safetensors", models / "text_encoder.safetensors", models / "vae.safetensors")
+    with Image.open(server.base / "input" / graph[load]["inputs"]["image"]) as picture:
+        control = torch.from_numpy(np.asarray(picture.convert("RGB"), np.float32) / 255)[None]
+    inputs = graph[apply]["inputs"]
+    request = ControlRequest(models / "controlnet.safetensors", image=control, strength=inputs["strength"],
+                             start=inputs["start_percent"], end=inputs["end_percent"])  # fmt: skip
+    prompt = graph[node_of(graph, "ZImageTextEncode")]["inputs"]["text"]
+    result = generate(files, [prompt], steps=4, seeds=[13], dtype=torch.float32, control=request)
+    expected = np.clip(255.0 * result.images[0].numpy(), 0, 255).astype(np.uint8)
+    difference = np.abs(image.astype(int) - expected.astype(int))
+    assert image.shape == expected.shape and difference.max() <= 1, (difference.max(), difference.mean())
+    entry = run(client, job_prompt(graph, [(apply, "strength", 0.0)]))
+    (plain,) = saved(server, entry)
+    assert np.abs(plain.astype(int) - image.astype(int)).mean() > 0.1  # the control acted
+
+
+def test_a_file_that_is_no_controlnet_is_named_in_the_error(server, client):
+    link = server.base / "models" / "model_patches" / "flux_style_lora.safetensors"
+    link.symlink_to((server.base / "models" / "loras" / "flux_style_lora.safetensors").resolve())
+    graph = small(workflow("zimage_turbo_controlnet"))
+    loader = node_of(graph, "ZImageControlNetLoader")
+    entry = run(client, job_prompt(graph, [(loader, "control_name", link.name)]))
+    message = failure(entry)["exception_message"]
+    assert "flux_style_lora.safetensors" in message and "not a Z-Image Fun ControlNet" in message, message
+    assert failure(run(client, graph)) is None  # the server and its cache go on
 
 
 def test_bad_values_come_back_as_node_errors_for_our_node(server, client):

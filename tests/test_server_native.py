@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from comfyui import REPORT, ROOT, SIZE, run, saved, write_full_qwen3, write_wide_caption_transformer
 from PIL import Image
 
@@ -371,3 +372,74 @@ def test_our_lora_loader_gives_our_merged_weights_for_every_format(server, model
     assert len(results) == len(FORMATS), results
     for fmt, r in results.items():
         assert r["error"] <= 1e-5 and r["change"] > 0.01, (fmt, r)
+
+
+TURBO_CONTROLNET = "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2601-8steps.safetensors"
+
+
+def controlled(sampler: str, size: int = 128) -> dict:
+    """`graph(sampler)` at `size` with our MODEL through Z-Image ControlNet Apply, its control image (256 x 256)
+    of another size than the latent, so the control is made again at the latent's size."""
+    nodes = graph(sampler)
+    nodes["5"]["inputs"] |= {"width": size, "height": size}
+    if sampler != "native":
+        nodes["6"]["inputs"] |= {"width": size, "height": size}
+    nodes |= {
+        "30": {"class_type": "ZImageControlNetLoader", "inputs": {"control_name": TURBO_CONTROLNET}},
+        "31": {"class_type": "ZImageVAELoader",
+               "inputs": {"name": "ae.safetensors", "weight_dtype": "default", "device": "default"}},
+        "32": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "33": {"class_type": "ZImageControlNetApply", "inputs": {
+            "model": ["1", 0], "controlnet": ["30", 0], "vae": ["31", 0], "strength": 0.75, "start_percent": 0.0,
+            "end_percent": 0.45, "image": ["32", 0]}},
+    }  # fmt: skip
+    nodes["6"]["inputs"]["model"] = ["33", 0]
+    return nodes
+
+
+def test_ksampler_and_our_sampler_steer_our_model_alike_through_our_controlnet(server, client):
+    """A controlled MODEL under KSampler (euler, simple) gives our sampler's controlled image: the control reaches
+    the transformer through the host's sampling, is made again at the latent's size (128, the control image is
+    256) and acts only within end_percent 0.45 (ComfyUI's percent_to_sigma under KSampler, our shift in ours)."""
+    native, ours = image(server, client, controlled("native")), image(server, client, controlled("ours"))
+    difference = np.abs(native - ours)
+    assert ours.std() > 1 and difference.max() <= 2 and difference.mean() <= 0.05, (difference.max(), difference.mean())
+    plain = graph("ours")
+    plain["5"]["inputs"] |= {"width": 128, "height": 128}
+    plain["6"]["inputs"] |= {"width": 128, "height": 128}
+    assert np.abs(ours - image(server, client, plain)).mean() > 0.1
+
+
+@pytest.fixture(scope="session")
+def native_controlnet(tmp_path_factory):
+    """A full-width Union 1.0 in the released names, sparse (zeros): ComfyUI's ModelPatchLoader builds its
+    ControlNets at the released width only, and 0.8.0's knows 1.0 and 2.x, not lite."""
+    from diffusers.models.controlnets.controlnet_z_image import ZImageControlNetModel
+    from helpers import write_sparse
+
+    with torch.device("meta"):
+        net = ZImageControlNetModel(control_layers_places=list(range(0, 30, 5)), control_refiner_layers_places=[0, 1],
+                                    control_in_dim=16)  # fmt: skip
+    specs = {k: (tuple(v.shape), torch.bfloat16) for k, v in net.state_dict().items() if k.startswith("control_")}
+    return write_sparse(tmp_path_factory.mktemp("lite") / "Z-Image-Turbo-Fun-Controlnet-Union.safetensors",
+                        specs)  # fmt: skip
+
+
+@pytest.mark.hosts("0.33.0", "0.8.0")  # 0.3.64 has no ZImageFunControlnet
+def test_native_z_image_fun_controlnet_on_our_model_says_to_use_ours(server, client, native_controlnet):
+    """ComfyUI's ZImageFunControlnet patches its own NextDiT's refiner and layer loop, which our transformer does
+    not run: rather than sampling without the control, the MODEL refuses it and names our nodes."""
+    (server.base / "models" / "model_patches" / native_controlnet.name).symlink_to(native_controlnet)
+    nodes = graph("native")
+    nodes |= {
+        "40": {"class_type": "ModelPatchLoader", "inputs": {"name": native_controlnet.name}},
+        "41": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "42": {"class_type": "ZImageFunControlnet", "inputs": {
+            "model": ["1", 0], "model_patch": ["40", 0], "vae": ["7", 0], "strength": 1.0, "image": ["41", 0]}},
+    }  # fmt: skip
+    nodes["6"]["inputs"]["model"] = ["42", 0]
+    entry = run(client, nodes, timeout=600)
+    client.call("/free", {"unload_models": True, "free_memory": True})
+    message = (failure(entry) or {}).get("exception_message", "")
+    assert "ZImageFunControlnet" in message and "Z-Image ControlNet Apply" in message, failure(entry)
+    assert server.get("/system_stats")  # still serving

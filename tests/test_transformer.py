@@ -53,11 +53,17 @@ def test_beyond_the_rope_table_is_a_clear_error(tiny):
         ours(latents, t, padded)
 
 
-def test_odd_latent_size_is_a_clear_error(tiny):
+def test_odd_latent_sizes_are_padded_as_comfyuis_nextdit_pads_them(tiny):
+    """ComfyUI graphs can make latents of any size (EmptySD3LatentImage fed by GetImageSize); its NextDiT pads them
+    circularly to whole patches (`comfy.ldm.common_dit.pad_to_patch_size`: the first row and column repeated after
+    the last) and crops the output back."""
     _, ours = tiny
-    latents, t, padded, _ = make_inputs(TINY, (9, 8), [5])
-    with pytest.raises(ValueError, match="not a multiple of the patch size 2"):
-        ours(latents, t, padded)
+    latents, t, padded, _ = make_inputs(TINY, (9, 7), [5])
+    whole = torch.cat([latents, latents[:, :, :1]], 2)
+    whole = torch.cat([whole, whole[..., :1]], 3)
+    got = ours(latents, t, padded)
+    assert got.shape == latents.shape
+    assert rel_err(got, ours(whole, t, padded)[..., :9, :7]) <= 1e-6
 
 
 def test_real_width_slice(tmp_path):

@@ -13,7 +13,8 @@ def test_every_kind_of_workflow_ships_in_both_formats():
     names = {ui.stem for ui in UIS}
     assert names == {
         "zimage_turbo_text_to_image", "zimage_base_text_to_image", "zimage_turbo_img2img", "zimage_turbo_inpaint",
-        "zimage_turbo_with_native_nodes", "zimage_edit", "zimage_turbo_lora",
+        "zimage_turbo_with_native_nodes", "zimage_edit", "zimage_turbo_lora", "zimage_turbo_controlnet",
+        "zimage_turbo_controlnet_inpaint", "zimage_base_controlnet",
     }  # fmt: skip
     assert {api.stem for api in (UIS[0].parent / "api").glob("*.json")} == names
 
@@ -49,11 +50,13 @@ def test_workflow_names_the_released_files_it_expects(ui):
     graph = json.loads(ui.read_text())
     api = json.loads((ui.parent / "api" / ui.name).read_text())
     folders = {"ZImageTransformerLoader": "diffusion_models", "ZImageTextEncoderLoader": "text_encoders",
-               "ZImageVAELoader": "vae", "VAELoader": "vae", "ZImageSigLIPLoader": "clip_vision"}  # fmt: skip
+               "ZImageVAELoader": "vae", "VAELoader": "vae", "ZImageSigLIPLoader": "clip_vision",
+               "ZImageControlNetLoader": "model_patches"}  # fmt: skip
     notes = " ".join(str(v) for n in graph["nodes"] if n["type"] in UI_ONLY for v in n["widgets_values"])
     for node in api.values():
         if node["class_type"] in folders:
-            name = node["inputs"].get("name", node["inputs"].get("vae_name"))
+            inputs = node["inputs"]
+            name = inputs.get("name", inputs.get("vae_name", inputs.get("control_name")))
             assert name in MODEL_FILES[folders[node["class_type"]]]  # and so the server tests run it
             assert name in notes, f"{ui.name}: its note does not say where {name} comes from"
     for node in graph["nodes"]:

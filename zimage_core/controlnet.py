@@ -24,7 +24,8 @@ only. The layer hints of 1.0 equal all three.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 from .checkpoint import CheckpointError, ModelInfo, describe, fill, looks_like, open_checkpoint
 from .loaders import block_sources
 from .ops import DEFAULT, Ops
-from .transformer import Block, Layout, TransformerConfig, patchify
+from .transformer import Block, Layout, TransformerConfig, patchify, to_patches
 
 EMBEDDER = "control_all_x_embedder.{p}-1.weight"
 MARKER = "control_layers.0.adaLN_modulation.0.weight"
@@ -101,18 +102,31 @@ class ZImageControlNet(nn.Module):
     def embed(self, context: torch.Tensor, dtype) -> torch.Tensor:
         """Control latents (B, C, h, w) -> token rows (B, h * w / p^2, dim) in fp32."""
         p = self.layout.patch_size
-        return self.control_all_x_embedder[f"{p}-1"](patchify(context, p).to(dtype)).float()
+        return self.control_all_x_embedder[f"{p}-1"](patchify(to_patches(context, p), p).to(dtype)).float()
 
 
 @dataclass
 class Control:
     """A ControlNet with its input for one sampling: hints scaled by `strength`, while sigma is within
-    `sigmas` (high, low), both included (`sampling.control_range` turns start/end fractions into these)."""
+    `sigmas` (high, low), both included (`sampling.control_range` turns start/end fractions into these).
+    `refit(h, w)`, where given, makes the input again for latents of another size (ComfyUI's own control patch
+    re-encodes its images at the latent's size too); each size is made once."""
 
     net: ZImageControlNet
     context: torch.Tensor  # (1 or B, in_channels, h, w) normalized latents, from `control_context`
     strength: float = 1.0
     sigmas: tuple[float, float] = (1.0, 0.0)
+    refit: Callable[[int, int], torch.Tensor] | None = None
+    fits: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def fitted(self, latent_size: tuple[int, int]) -> Control:
+        """This control with its input at `latent_size` (h, w): itself when it is that size or cannot refit."""
+        size = tuple(latent_size)
+        if tuple(self.context.shape[2:]) == size or self.refit is None:
+            return self
+        if size not in self.fits:
+            self.fits[size] = self.refit(*size)
+        return replace(self, context=self.fits[size])
 
     def active(self, sigma: float) -> bool:
         return self.strength != 0 and self.sigmas[1] <= sigma <= self.sigmas[0]

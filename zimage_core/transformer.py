@@ -340,6 +340,14 @@ def stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
     )[:, None]
 
 
+def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Latents (B, C, H, W) padded circularly to whole p x p patches: ComfyUI's `pad_to_patch_size`, so the
+    odd sizes its graphs can make (an EmptySD3LatentImage of 1000 x 680) run as they do natively."""
+    return (
+        F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p), mode="circular") if x.shape[2] % p or x.shape[3] % p else x
+    )
+
+
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """Latents (B, C, H, W) to rows (B, H/p * W/p, p * p * C) of p x p patches, row-major, channels last."""
     bsz, c, hgt, wid = x.shape
@@ -405,15 +413,15 @@ class ZImageTransformer(nn.Module):
     ) -> torch.Tensor:  # fmt: skip
         """Predict the flow velocity `x0 - noise` (the official model's raw output).
 
-        x: latents (B, C, H, W), H and W multiples of the patch size; t: model time (B,), 1 - sigma;
+        x: latents (B, C, H, W) (sizes that are not whole patches are padded circularly, as ComfyUI's NextDiT pads
+        them, and the output cropped back); t: model time (B,), 1 - sigma;
         cap_feats: text features (B, L, cap_feat_dim) of which item i uses the first `cap_lens[i]` rows.
         Items of different image sizes go in separate calls (the result equals a mixed-size reference batch).
         control: a `controlnet.Control` (a ControlNet and its input), whose hints join the refiner and the layers.
         """
-        cfg, p = self.cfg, self.cfg.patch_size
+        cfg, p, size = self.cfg, self.cfg.patch_size, x.shape
+        x = to_patches(x, p)
         bsz, _, hgt, wid = x.shape
-        if hgt % p or wid % p:
-            raise ValueError(f"latent size {hgt} x {wid} is not a multiple of the patch size {p}")
         cap_lens = [cap_feats.shape[1]] * bsz if cap_lens is None else [int(n) for n in cap_lens]
         if len(cap_lens) != bsz or min(cap_lens) < 1 or max(cap_lens) > cap_feats.shape[1]:
             raise ValueError(f"cap_lens {cap_lens} do not fit caption features of shape {tuple(cap_feats.shape)}")
@@ -443,7 +451,8 @@ class ZImageTransformer(nn.Module):
             seq = block(seq, shape.rope, shape.mask, dt, cond)
             seq = run.after_layer(i, seq) if run else seq
 
-        return unpatchify(self.final_layer(seq[:, :n], cond, dt), x.shape, p).to(x.dtype)
+        out = unpatchify(self.final_layer(seq[:, :n], cond, dt), x.shape, p)
+        return out[..., : size[2], : size[3]].to(x.dtype)
 
     def forward_omni(self, x, t, segments, refs, siglip=None) -> torch.Tensor:
         """Omni/Edit: the target's velocity given reference images, as diffusers' `ZImageOmniPipeline` runs it.
