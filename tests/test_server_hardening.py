@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from comfyui import REPORT, saved, small, workflow
+from comfyui import REPORT, node_of, saved, small, workflow
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -33,14 +33,16 @@ T2I = small(workflow("zimage_turbo_text_to_image"), steps=2, seed=1, size=(64, 6
 def base(kind: str = "t2i") -> dict:
     """A fresh copy of a small valid graph: t2i (nodes 1-7), inpaint (+ 10 LoadImage, 11 VAE Encode), the Omni edit
     route alone (15 SigLIP loader, 16 Edit Conditioning), native (12 EmptySD3LatentImage, 13/14 native VAE), lora
-    (+ 9 Z-Image LoRA Loader)."""
+    (+ 9 Z-Image LoRA Loader), controlnet (the Canny workflow: 4 its loader, 5 LoadImage, 11 Apply)."""
     if kind == "t2i":
         return copy.deepcopy(T2I)
     name = {"inpaint": "zimage_turbo_inpaint", "edit": "zimage_edit", "native": "zimage_turbo_with_native_nodes",
-            "lora": "zimage_turbo_lora"}[kind]  # fmt: skip
+            "lora": "zimage_turbo_lora", "controlnet": "zimage_turbo_controlnet"}[kind]  # fmt: skip
     graph = small(workflow(name), steps=2, seed=1, size=(64, 64))
     if kind == "inpaint":
         graph["10"]["inputs"]["image"] = "example_inpaint.png"
+    if kind == "controlnet":  # without the edges' preview: one output, as for edit below
+        del graph[node_of(graph, "PreviewImage")]
     if kind == "edit":  # the Omni route only (one output, so a bad input never leaves the other half queued)
         graph = {k: v for k, v in graph.items() if k in {"1", "2", "3", "5", "6", "7", "10", "15", "16"}}
         graph["10"]["inputs"]["image"] = "small.png"
@@ -340,6 +342,39 @@ CASES = {
     "required link removed": (lambda: without(base(), "5", "model"), invalid("5", "model")),
     "unknown node class": (lambda: base() | {"8": {"class_type": "NoSuchNode", "inputs": {}}}, rejected),
     "no output node": (lambda: {k: v for k, v in base().items() if k != "7"}, rejected),
+    # the ControlNet: files, values, inputs that do not go together
+    "controlnet not in the folders": (
+        lambda: edit(base("controlnet"), "4", control_name="nope.safetensors"),
+        invalid("4", "control_name"),
+    ),
+    "controlnet empty file": (
+        lambda: edit(base("controlnet"), "4", control_name="empty.safetensors"),
+        fails("ZImageControlNetLoader", "empty.safetensors"),
+    ),
+    "controlnet is a transformer": (
+        lambda: edit(base("controlnet"), "4", control_name="a_transformer.safetensors"),
+        fails("ZImageControlNetLoader", "a_transformer.safetensors", "not a Z-Image Fun ControlNet"),
+    ),
+    "controlnet strength out of range": (
+        lambda: edit(base("controlnet"), "11", strength=11.0),
+        invalid("11", "strength"),
+    ),
+    "controlnet start after end": (
+        lambda: edit(base("controlnet"), "11", start_percent=0.8, end_percent=0.2),
+        fails("ZImageControlNetApply", "start_percent", "end_percent"),
+    ),
+    "controlnet without images": (
+        lambda: without(base("controlnet"), "11", "image"),
+        fails("ZImageControlNetApply", "control image"),
+    ),
+    "controlnet mask without the inpaint image": (
+        lambda: edit(base("controlnet"), "11", mask=["5", 1]),
+        fails("ZImageControlNetApply", "inpaint image"),
+    ),
+    "controlnet in place of the model": (
+        lambda: edit(base("controlnet"), "11", controlnet=["1", 0]),
+        invalid("11", "controlnet"),
+    ),
 }
 
 
@@ -350,7 +385,7 @@ def bad_files(server, models):
 
     root = server.base / "models"
     good = (models / "transformer.safetensors").read_bytes()
-    for folder in ("diffusion_models", "text_encoders", "vae", "clip_vision", "loras"):
+    for folder in ("diffusion_models", "text_encoders", "vae", "clip_vision", "loras", "model_patches"):
         (root / folder / "empty.safetensors").write_bytes(b"")
         (root / folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
         (root / folder / "corrupt.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{not json at all")
