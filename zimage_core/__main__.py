@@ -18,11 +18,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import limits
+from .attention import BACKENDS
 from .checkpoint import CheckpointError
 from .controlnet import ControlRequest
 from .loaders import LOADERS, components
 from .pipeline import TINY_RANDOM, find_models
 from .pipeline import generate as pipeline_generate
+from .speed import RESIDUALS, Speed
 from .transformer import TransformerConfig, ZImageTransformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -175,6 +177,7 @@ def generate(args) -> int:
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
         strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
         vae_dtype=DTYPES[args.vae_dtype], loras=args.lora, control=control,
+        speed=Speed(args.attention, args.residual, args.compile),
     )  # fmt: skip
     for note in result.loras:
         print(note, file=sys.stderr)
@@ -270,6 +273,19 @@ def main(argv=None) -> int:
     p.add_argument("--control-end", type=float, default=1.0, help="fraction of the process it ends at (default 1)")
     p.add_argument("--control-inpaint", metavar="IMAGE", help="ControlNet 2.x inpainting: the image to repaint")
     p.add_argument("--control-mask", metavar="MASK", help="with --control-inpaint: grayscale, white = repaint")
+    p.add_argument(
+        "--attention",
+        choices=BACKENDS,
+        default="auto",
+        help="attention kernel (default auto: cuDNN first on Hopper and later, else PyTorch's choice)",
+    )
+    p.add_argument(
+        "--residual",
+        choices=RESIDUALS,
+        default="fp32",
+        help="the residual stream's dtype: fp32 (default, as the references) or compute (faster, in bf16)",
+    )
+    p.add_argument("--compile", action="store_true", help="compile the transformer's blocks (the first image waits)")
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
     p.set_defaults(run=generate)

@@ -78,9 +78,9 @@ class ControlBlock(Block):
     def forward(self, c, x, rope, mask, dtype, cond):
         """Control stream `c` (fp32) beside stream `x` -> (next control stream, hint), both fp32."""
         if self.first:
-            c = self.before_proj(c.to(dtype)).float() + x
+            c = self.before_proj(c.to(dtype)).to(x.dtype) + x
         c = super().forward(c, rope, mask, dtype, cond)
-        return c, self.after_proj(c.to(dtype)).float()
+        return c, self.after_proj(c.to(dtype)).to(c.dtype)
 
 
 class ZImageControlNet(nn.Module):

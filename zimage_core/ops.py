@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import sdpa
 from .quant import Format, dequantize
 
 
@@ -99,19 +100,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.device, x.dtype), self.eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention over (B, S, heads, head_dim) to (B, S, heads * head_dim); `mask` (B, S) marks the
-    keys that exist."""
-    if mask is not None:
-        mask = mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
-
-
 class Ops(NamedTuple):
     Linear: type = Linear
     RMSNorm: type = RMSNorm
-    attention: Callable = attention
+    attention: Callable = sdpa
     Embedding: type = Embedding
 
 

@@ -24,6 +24,7 @@ from .edit import EditConditioning, encode_prompts, prepare_references, referenc
 from .loaders import LOADERS, load_siglip, transformer_facts
 from .lora import apply_loras, check_file, linear_shapes, read_lora
 from .sampling import PATCH, SHIFT, VARIANT_SETTINGS, control_range, denoise, encode_with_noise, start_index
+from .speed import PLAIN, Speed
 from .text_encoder import TextEncoder, load_tokenizer
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import VAE, VAEConfig
@@ -178,6 +179,7 @@ def generate(
     vae_dtype: torch.dtype = torch.float32,
     loras: list[tuple[str | Path, float]] | None = None,
     control: ControlRequest | None = None,
+    speed: Speed = PLAIN,
 ) -> Result:
     """Text-to-image (1024x1024 unless sized), img2img (`init_images`, `strength`), inpaint (`masks` (B, H, W),
     1 = repaint) or edit (`references`: images an Omni/Edit transformer follows; the size defaults to the last's).
@@ -192,12 +194,14 @@ def generate(
     edit pipeline runs it in bf16). The returned latents are the sampler's, unrounded.
     `loras` (file, strength) are merged into the transformer's weights (compact weights take them per call).
     `control`: a Fun ControlNet Union and what it follows (its images set the size when none is given).
+    `speed`: the attention kernel, residual dtype and compilation the transformer and ControlNet run with.
     """
     steps, cfg = variant_settings(models.transformer, steps, cfg)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     limits.settings(steps, cfg, strength, SHIFT, variety, variety_steps)  # before anything slow
+    speed.kernel(device, dtype)
     loras = [(check_file(path), limits.number("LoRA strength", s, limits.LORA_STRENGTH)) for path, s in loras or []]
     for seed in seeds:
         limits.number("seed", seed, limits.SEED, integer=True)
@@ -226,7 +230,7 @@ def generate(
     width, height = width or 1024, height or 1024
     limits.size(width, height, cell)
     if control is not None:
-        net = load_controlnet(control.model, device, dtype)
+        net = speed.apply(load_controlnet(control.model, device, dtype), device, dtype)
         context = control_context(vae, net.layout, *control.resized(width, height))
         control = Control(net, context, control.strength, sigma_range)
     if init_images is not None:
@@ -251,7 +255,7 @@ def generate(
             init_images = init_images.clamp(0, 1).movedim(1, -1)
         clean, start = encode_with_noise(vae, init_images.expand(len(seeds), -1, -1, -1), seeds)
     shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
-    transformer = load("transformer", models.transformer, device, dtype)
+    transformer = speed.apply(load("transformer", models.transformer, device, dtype), device, dtype)
     if references and transformer.cfg.siglip_feat_dim is None:
         raise CheckpointError(
             f"{models.transformer}: not an Omni/Edit transformer (it has no SigLIP weights); editing with reference "

@@ -78,9 +78,10 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by the angles in `rope` = (cos, sin) stacked last."""
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by the angles in `rope` = (cos, sin) stacked last, in
+    the angles' dtype (the residual stream's)."""
     cos, sin = rope.unbind(-1)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x0, x1 = x.to(rope.dtype).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
 
 
@@ -95,8 +96,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
-        q = apply_rope(self.q_norm(q.float()), rope).to(v.dtype)
-        k = apply_rope(self.k_norm(k.float()), rope).to(v.dtype)
+        q = apply_rope(self.q_norm(q.to(rope.dtype)), rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k.to(rope.dtype)), rope).to(v.dtype)
         return self.out(self.attend(q, k, v, mask))
 
 
@@ -126,17 +127,20 @@ class Block(nn.Module):
             self.adaLN_modulation = nn.Sequential(ops.Linear(min(cfg.dim, ADALN_DIM), 4 * cfg.dim))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, dtype, c=None, noisy=None):
-        """x: fp32 residual stream (B, S, dim); `dtype` the one GEMMs and attention run in; c: conditioning
-        (B, 1, 256) for modulated blocks, or (Omni) a pair (noisy, clean) chosen per token by `noisy` (B, S, 1)."""
+        """x: the residual stream (B, S, dim), in its own dtype (fp32 unless the model says otherwise), as are the
+        norms; `dtype` the one GEMMs and attention run in; c: conditioning (B, 1, 256) for modulated blocks, or
+        (Omni) a pair (noisy, clean) chosen per token by `noisy` (B, S, 1)."""
         if c is None:
             h = clamp_fp16(self.attention(self.attention_norm1(x).to(dtype), rope, mask))
-            x = x + self.attention_norm2(h.float())
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x).to(dtype)).float())
-        scale_msa, gate_msa, scale_mlp, gate_mlp = per_token(self.adaLN_modulation, c, noisy).chunk(4, dim=-1)
-        h = clamp_fp16(self.attention((self.attention_norm1(x) * (1 + scale_msa)).to(dtype), rope, mask))
-        x = x + gate_msa.tanh() * self.attention_norm2(h.float())
-        h = clamp_fp16(self.feed_forward((self.ffn_norm1(x) * (1 + scale_mlp)).to(dtype)))
-        return x + gate_mlp.tanh() * self.ffn_norm2(h.float())
+            x = x + self.attention_norm2(h.to(x.dtype))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x).to(dtype)).to(x.dtype))
+        mod = per_token(self.adaLN_modulation, c, noisy).chunk(4, dim=-1)  # fp32, rounded once to the stream's
+        scale_msa, gate_msa, scale_mlp, gate_mlp = (m.to(x.dtype) for m in (1 + mod[0], mod[1].tanh(), 1 + mod[2],
+                                                                            mod[3].tanh()))  # fmt: skip
+        h = clamp_fp16(self.attention((self.attention_norm1(x) * scale_msa).to(dtype), rope, mask))
+        x = x + gate_msa * self.attention_norm2(h.to(x.dtype))
+        h = clamp_fp16(self.feed_forward((self.ffn_norm1(x) * scale_mlp).to(dtype)))
+        return x + gate_mlp * self.ffn_norm2(h.to(x.dtype))
 
 
 class TimestepEmbedder(nn.Module):
@@ -329,6 +333,15 @@ def omni_layout(cfg: TransformerConfig, lengths: tuple, grids: tuple, sig_grids:
     )
 
 
+def ropes_in(shape, dtype: torch.dtype):
+    """A layout with its RoPE tables (built in fp32) in the residual stream's dtype."""
+    if dtype == torch.float32:
+        return shape
+    return shape._replace(
+        **{k: v.to(dtype) for k, v in shape._asdict().items() if k.endswith("rope") and v is not None}
+    )
+
+
 def stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Right-pad sequences (n_i, ...) with zeros into (B, n_max, ...); the key mask, or None when all are equal."""
     longest = max(len(r) for r in rows)
@@ -363,11 +376,13 @@ def unpatchify(rows: torch.Tensor, shape: torch.Size, p: int) -> torch.Tensor:
 class ZImageTransformer(nn.Module):
     """Z-Image transformer (Turbo, Base and the Omni/Edit weights)."""
 
-    def __init__(self, cfg: TransformerConfig, ops: Ops = DEFAULT, compute_dtype: torch.dtype | None = None):
+    def __init__(self, cfg: TransformerConfig, ops: Ops = DEFAULT, compute_dtype: torch.dtype | None = None,
+                 residual_dtype: torch.dtype = torch.float32):  # fmt: skip
         """`ops`: the layers and attention to build from; `compute_dtype`: what GEMMs and attention run in
-        (None: the x_embedder weight's dtype)."""
+        (None: the x_embedder weight's dtype); `residual_dtype`: what the residual stream, norms and RoPE are
+        held in between them (fp32, as ComfyUI and the references; the compute dtype halves their traffic)."""
         super().__init__()
-        self.cfg, self.compute_dtype = cfg, compute_dtype
+        self.cfg, self.compute_dtype, self.residual_dtype = cfg, compute_dtype, residual_dtype
         p = cfg.patch_size
         self.x_embedder = ops.Linear(p * p * cfg.in_channels, cfg.dim)
         self.t_embedder = TimestepEmbedder(min(cfg.dim, ADALN_DIM), ops)
@@ -398,13 +413,14 @@ class ZImageTransformer(nn.Module):
 
     def project(self, embedder: nn.Sequential, feats: torch.Tensor) -> torch.Tensor:
         """Caption or SigLIP features through their RMSNorm (fp32) and projection (compute dtype)."""
-        return embedder[1](embedder[0](feats.float()).to(self.dtype)).float()
+        return embedder[1](embedder[0](feats.float()).to(self.dtype)).to(self.residual_dtype)
 
     def pad(self, token: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
-        return token.to(like.device, torch.float32)
+        return token.to(like.device, self.residual_dtype)
 
     def padded(self, rows: torch.Tensor, n_all: int) -> torch.Tensor:
         """Image-token rows (B, n, dim) followed by the image pad token up to `n_all` rows."""
+        rows = rows.to(self.residual_dtype)
         return torch.cat([rows, self.pad(self.x_pad_token, rows).expand(len(rows), n_all - rows.shape[1], -1)], 1)
 
     def forward(
@@ -426,14 +442,13 @@ class ZImageTransformer(nn.Module):
         if len(cap_lens) != bsz or min(cap_lens) < 1 or max(cap_lens) > cap_feats.shape[1]:
             raise ValueError(f"cap_lens {cap_lens} do not fit caption features of shape {tuple(cap_feats.shape)}")
         h, w = hgt // p, wid // p
-        shape = layout(cfg, (h, w), tuple(cap_lens), x.device)
+        shape = ropes_in(layout(cfg, (h, w), tuple(cap_lens), x.device), self.residual_dtype)
         n, n_all, l_all = h * w, shape.img_rope.shape[1], shape.cap_rope.shape[1]
 
         dt = self.dtype
         cond = self.t_embedder(t * cfg.t_scale, dt)[:, None]
 
-        img = self.x_embedder(patchify(x, p).to(dt)).float()
-        img = self.padded(img, n_all)
+        img = self.padded(self.x_embedder(patchify(x, p).to(dt)), n_all)
         run = control.begin(self, img, shape, cond, dt) if control is not None else None
         for i, block in enumerate(self.noise_refiner):
             img = block(img, shape.img_rope, None, dt, cond)
@@ -474,7 +489,7 @@ class ZImageTransformer(nn.Module):
             raise ValueError(f"latent sizes {grids} are not all multiples of the patch size {p}")
         sig_grids = tuple(tuple(sg.shape[:2]) for sg in siglip) if siglip else ()
         lengths = tuple(tuple(int(seg[1][i]) for seg in segments) for i in range(bsz))
-        shape = omni_layout(cfg, lengths, grids, sig_grids, x.device)
+        shape = ropes_in(omni_layout(cfg, lengths, grids, sig_grids, x.device), self.residual_dtype)
         dev, dt = x.device, self.dtype
         c = tuple(self.t_embedder(time * cfg.t_scale, dt)[:, None] for time in (t, torch.ones_like(t)))
 
@@ -491,7 +506,7 @@ class ZImageTransformer(nn.Module):
             return list(out.split([sum(map(len, item)) for item in pieces]))
 
         patches = [patchify(im, p) for im in images]
-        img = torch.stack(embed(lambda rows: self.x_embedder(rows.to(dt)).float(), self.x_pad_token,
+        img = torch.stack(embed(lambda rows: self.x_embedder(rows.to(dt)).to(self.residual_dtype), self.x_pad_token,
                                 [[q[i] for q in patches] for i in range(bsz)]))  # fmt: skip
         for block in self.noise_refiner:
             img = block(img, shape.img_rope, None, dt, c, shape.img_noisy)

@@ -1,0 +1,61 @@
+"""The speed levers of a run, each switchable (bench/transformer_speed.py measures them; tests/test_levers.py holds
+each within bf16 tolerance of the plain path).
+
+- attention: the kernel (`attention.BACKENDS`; `auto` picks per device);
+- residual: the dtype of the residual stream, norms and RoPE between the GEMMs: `fp32` (the references' and
+  ComfyUI's) or `compute` (the GEMMs' dtype: half the elementwise traffic in bf16, about 1.3x the plain bf16
+  error against fp32);
+- compile: regional `torch.compile` of the repeated blocks with dynamic shapes, so a new resolution or caption
+  length does not recompile (the first call pays the compile: seconds to a minute).
+
+Inside ComfyUI the host decides these (its attention flags, its TorchCompileModel node); they are for the CLI and
+the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import attention, known, use_attention
+
+RESIDUALS = ("fp32", "compute")
+
+
+@dataclass(frozen=True)
+class Speed:
+    attention: str = "auto"
+    residual: str = "fp32"
+    compile: bool = False
+
+    def __post_init__(self):
+        known(self.attention)
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"unknown residual dtype {self.residual!r}: use one of {', '.join(RESIDUALS)}")
+
+    def kernel(self, device, dtype: torch.dtype, head_dim: int = 128):
+        """The attention kernel; a backend `device` cannot run in `dtype` fails here, before anything loads."""
+        return attention(self.attention, device, dtype, head_dim)
+
+    def apply(self, model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+        """`model` (a transformer or a ControlNet) set to run with these levers on `device` in `dtype`."""
+        use_attention(model, self.kernel(device, dtype, model.cfg.head_dim))
+        if hasattr(model, "residual_dtype"):
+            model.residual_dtype = dtype if self.residual == "compute" else torch.float32
+        if self.compile:
+            compile_blocks(model)
+        return model
+
+
+PLAIN = Speed()
+
+
+def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Compile each repeated block in place (regional compilation: one graph per block kind, reused by every
+    block of that kind), with dynamic shapes so sequence lengths do not recompile."""
+    for name in ("noise_refiner", "context_refiner", "siglip_refiner", "layers", "control_layers",
+                 "control_noise_refiner"):  # fmt: skip
+        for block in getattr(model, name, ()):
+            block.compile(dynamic=True)
+    return model
