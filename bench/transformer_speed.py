@@ -38,6 +38,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="main layers (default: 2 on a CPU, 30 on a GPU)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="image sizes (square, pixels)")
     p.add_argument("--reps", type=int, default=3, help="timed forwards per peer and size (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="also each peer with its repeated blocks compiled")
+    p.add_argument("--residual", choices=["fp32", "compute"], default="fp32", help="our residual stream's dtype")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "transformer_speed.json")
     p.add_argument("--in-host", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -136,6 +138,26 @@ class PeakMemory:
             self.added = max(self.peak, self.process.memory_info().rss) - self.base
 
 
+def compiled(name: str, model):
+    """A copy of `model` (sharing its weights) with its repeated blocks compiled the way its authors do it:
+    ours `speed.compile_blocks`, diffusers `compile_repeated_blocks`, ComfyUI each of its blocks."""
+    import copy
+
+    from zimage_core.speed import compile_blocks
+
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, shared)  # new modules, the same tensors
+    if name == "ours":
+        return compile_blocks(twin)
+    if name == "diffusers":
+        twin.compile_repeated_blocks(dynamic=True)
+        return twin
+    for blocks in (twin.noise_refiner, twin.context_refiner, twin.layers):
+        for block in blocks:
+            block.compile(dynamic=True)
+    return twin
+
+
 def timed(call) -> float:
     import torch
 
@@ -164,6 +186,7 @@ def run(args, host: Path | None):
     sys.path.insert(0, str(ROOT))
     from helpers import REAL, reference_transformer, to_comfy
 
+    from zimage_core.speed import Speed
     from zimage_core.transformer import TransformerConfig, ZImageTransformer
 
     gpu = torch.cuda.is_available()
@@ -178,16 +201,20 @@ def run(args, host: Path | None):
         ours = ZImageTransformer(cfg)
     ours.load_state_dict(sd, assign=True)
     ours = ours.to(dev).eval().requires_grad_(False)
+    Speed(residual=args.residual).apply(ours, dev, dtype)
     peers = {"ours": ours, "diffusers": ref}
     if host:
         peers["ComfyUI"] = native_peer(host, sd, dtype, cfg.norm_eps)
     del sd
+    if args.compile:  # each peer's own regional compilation, beside its eager self (the same weights)
+        for name in list(peers):
+            peers[f"{name} compiled"] = compiled(name, peers[name])
 
     def call(name: str, x, t, cap):
         model = peers[name]
-        if name == "ours":
+        if name.startswith("ours"):
             return model(x, t, cap)
-        if name == "diffusers":
+        if name.startswith("diffusers"):
             return model([x[0][:, None]], t, [cap[0]], return_dict=False)[0][0][:, 0][None]
         return -model(x, 1 - t, cap, num_tokens=cap.shape[1])  # ComfyUI's model time and sign
 
@@ -217,8 +244,9 @@ def run(args, host: Path | None):
                 "peak_added_bytes": mem[name],
                 "rel_diff_to_diffusers": float((outs[name] - outs["diffusers"]).abs().max() / scale),
             })  # fmt: skip
+        ours_best = min(r["seconds"] for r in rows[-len(peers) :] if r["peer"].startswith("ours"))
         for row in rows[-len(peers) :]:
-            row["ours_speedup"] = row["seconds"] / min(r["seconds"] for r in rows[-len(peers) :] if r["peer"] == "ours")
+            row["ours_speedup"] = row["seconds"] / ours_best
 
     report = {
         "device": torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads",
