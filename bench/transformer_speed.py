@@ -56,7 +56,7 @@ def main():
     args = parse()
     host = Path(args.comfyui).resolve() if args.comfyui else None
     python = host_python(host) if host else None
-    if host and not args.in_host and python and Path(sys.executable).resolve() != Path(python).resolve():
+    if host and not args.in_host and python and Path(sys.prefix).resolve() != (host / ".venv").resolve():
         os.execv(python, [python, __file__, *sys.argv[1:], "--in-host"])  # the host's python, where comfy imports
     run(args, host)
 
