@@ -175,3 +175,19 @@ def test_loras_stack_on_the_command_line_and_say_what_they_matched(tmp_path):
     failed = generate(*base, "--lora", tmp_path / "flux.safetensors", "--out", tmp_path / "x.png")
     assert failed.returncode != 0 and "flux.safetensors: none of its 1 keys applies" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_speed_levers_on_the_command_line(tmp_path):
+    """--attention, --residual and --compile run the same image within bf16 tolerance of the plain one (fp32 on the
+    CPU: attention kernels agree closely); an attention kernel the device cannot run is refused by name."""
+    base = ["--model", "tiny-random", "--prompt", "a cat", "--size", "32x32", "--steps", "2", "--seed", "3"]
+    images = {}
+    for name, extra in (("plain", []), ("math", ["--attention", "math"]), ("levers", ["--attention", "flash",
+                        "--residual", "compute", "--compile"])):  # fmt: skip
+        result = generate(*base, *extra, "--out", tmp_path / f"{name}.png")
+        assert result.returncode == 0, result.stderr
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    for name in ("math", "levers"):
+        assert np.abs(images[name] - images["plain"]).max() <= 2, name
+    result = generate(*base, "--attention", "cudnn", "--out", tmp_path / "x.png")
+    assert result.returncode == 1 and "attention 'cudnn' cannot run on cpu" in result.stderr
