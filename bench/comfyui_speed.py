@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def main():
     finally:
         client.close()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the slice file alone is gigabytes
     report = {"comfyui": version(host), "layers": args.layers, "steps": args.steps, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
