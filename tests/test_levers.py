@@ -2,8 +2,9 @@
 
 The plain path is the fp32 model on this machine's default attention; a lever in bf16 may err against it no more
 than the plain bf16 model does (with a floor of bf16's own rounding), and in fp32 it must agree to fp32 rounding.
-The GPU-only kernels (cuDNN, memory-efficient, FlashAttention, SageAttention) join the lists on a machine that has
-them; on a CPU their refusals are tested instead.
+The backends are tried on the CPU, where the tests' tensors are: the GPU-only kernels (cuDNN, memory-efficient,
+FlashAttention, SageAttention) are tested by their refusals, auto's order per GPU generation and the packaged
+kernels' glue with a stand-in; their numbers on a GPU are the bench's.
 """
 
 import pytest

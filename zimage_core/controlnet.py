@@ -76,7 +76,7 @@ class ControlBlock(Block):
         self.after_proj = ops.Linear(cfg.dim, cfg.dim)
 
     def forward(self, c, x, rope, mask, dtype, cond):
-        """Control stream `c` (fp32) beside stream `x` -> (next control stream, hint), both fp32."""
+        """Control stream `c` beside stream `x` -> (next control stream, hint), both in the residual stream's dtype."""
         if self.first:
             c = self.before_proj(c.to(dtype)).to(x.dtype) + x
         c = super().forward(c, rope, mask, dtype, cond)
