@@ -15,7 +15,7 @@ from ..zimage_core.loaders import stamp
 from ..zimage_core.sampling import PATCH
 from ..zimage_core.vae import crop_to
 from .loaders import CACHE, ZImageVAE, check_choices, expect, ready, transformer_of
-from .model import CONTROL, HOST_OPS, Patcher
+from .model import CONTROL, HOST_OPS, Patcher, cast_per_call
 
 ZImageControlNetType = io.Custom("ZIMAGE_CONTROLNET")
 FOLDERS = ("model_patches", "controlnet")  # ComfyUI's ModelPatchLoader reads these files from model_patches
@@ -69,7 +69,7 @@ class ZImageControlNetLoader(io.ComfyNode):
         dtype = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
 
         def build():
-            net = load_controlnet(path, offload_device, dtype, ops=HOST_OPS)
+            net = cast_per_call(load_controlnet(path, offload_device, dtype, ops=HOST_OPS), dtype)
             return Patcher(net, load_device=load_device, offload_device=offload_device)
 
         return io.NodeOutput(CACHE.get("controlnet", path, (), build))

@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import io
 from ..zimage_core.loaders import LOADERS, ModelCache, load_siglip, stamp, transformer_facts
 from ..zimage_core.text_encoder import TextEncoder
 from ..zimage_core.vae import VAE
-from .model import HOST_OPS, Direct, HostTransformer, Patcher, load_model
+from .model import HOST_OPS, Direct, HostTransformer, Patcher, cast_per_call, load_model
 from .models import choices, find
 
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")
@@ -137,6 +137,7 @@ def load(component: str, folder: str, name: str, weight_dtype: str, device: str)
             model = LOADERS[component](path, offload_device, dtype, **extra)
         if component == "text_encoder":
             model.load_device = torch.device(load_device)
+            cast_per_call(model, dtype)
         return Patcher(model, load_device=load_device, offload_device=offload_device)
 
     return CACHE.get(component, path, (weight_dtype, device), build)

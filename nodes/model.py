@@ -11,8 +11,10 @@ import comfy.supported_models
 import comfy.utils
 import torch
 import torch.nn.functional as F
+from comfy.cli_args import args
 from comfy.ldm.modules.attention import optimized_attention_masked
 
+from ..zimage_core import gemm
 from ..zimage_core.loaders import load_transformer, transformer_facts
 from ..zimage_core.ops import Compact, Embedding, Ops
 from ..zimage_core.transformer import ZImageTransformer
@@ -37,6 +39,11 @@ class HostCompact(Compact):
         super().hold_compact()
         self.lora: tuple[str, list] | None = None  # (key, patches) set by `Patcher` while it is patched
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """torch's own: a layer that brings its loader is built eagerly by 0.33.0's Linear and Embedding, which
+        with dynamic VRAM (its default on NVIDIA) leave the weight None for the host's own loader to fill."""
+        return torch.nn.Module._load_from_state_dict(self, *args, **kwargs)
+
     @property
     def is_patched(self) -> bool:
         return self.lora is not None or bool(self.weight_function)
@@ -50,14 +57,17 @@ class HostCompact(Compact):
         return weight
 
 
-class HostLinear(HostCompact, comfy.ops.manual_cast.Linear):
-    """The host's Linear (cast per call, partial loading, LoRA patches) that can also hold a quantized weight."""
+class HostLinear(HostCompact, comfy.ops.disable_weight_init.Linear):
+    """The host's Linear (partial loading, LoRA patches) that can also hold a quantized weight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.hold_compact()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.lowp and not self.is_patched and not self.bias_function
+        if fast and (out := gemm.linear(self, x)) is not None:
+            return out if self.bias is None else out + self.bias.to(x.device, x.dtype)
         if not self.is_compact:
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
@@ -66,7 +76,7 @@ class HostLinear(HostCompact, comfy.ops.manual_cast.Linear):
         return F.linear(x, self.patched_weight(x.device, x.dtype), bias)
 
 
-class HostEmbedding(HostCompact, comfy.ops.manual_cast.Embedding):
+class HostEmbedding(HostCompact, comfy.ops.disable_weight_init.Embedding):
     """The host's Embedding that can also hold a compact table (a GGUF token embedding): unpatched, a lookup
     dequantizes only the rows it reads."""
 
@@ -84,7 +94,17 @@ class HostEmbedding(HostCompact, comfy.ops.manual_cast.Embedding):
         return self.lookup(ids)
 
 
-HOST_OPS = Ops(HostLinear, comfy.ops.manual_cast.RMSNorm, host_attention, HostEmbedding)
+HOST_OPS = Ops(HostLinear, comfy.ops.manual_cast.RMSNorm, host_attention, HostEmbedding)  # norms run on fp32
+
+
+def cast_per_call(model: torch.nn.Module, compute: torch.dtype) -> torch.nn.Module:
+    """Layers holding a plain weight in another dtype than `compute` cast it per call (`comfy.ops.manual_cast`);
+    the rest use theirs as held, cast only where partial loading or a LoRA asks: the rule of the host's
+    `pick_operations`, which picks per model, applied per layer (an fp8 file may hold some layers in bf16)."""
+    for layer in model.modules():
+        if isinstance(layer, HostCompact) and not layer.is_compact and layer.weight.dtype != compute:
+            layer.comfy_cast_weights = True
+    return model
 
 
 class Patcher(comfy.model_patcher.ModelPatcher):
@@ -195,6 +215,15 @@ def dtypes(facts, option, load_device):
     return chosen, manual or chosen
 
 
+def host_gemms(load_device, compute: torch.dtype) -> frozenset[str]:
+    """The low-precision GEMMs the host would run its own models' weights with: int8 where the GPU has them (0.33.0
+    runs its int8 files W8A8), fp8 where it also has them and the user asked (`--fast fp8_matrix_mult`)."""
+    allowed = gemm.kinds("auto", load_device, compute)
+    if not any(getattr(f, "value", f) == "fp8_matrix_mult" for f in getattr(args, "fast", None) or ()):
+        allowed -= {"fp8"}
+    return allowed
+
+
 def load_model(path, option: torch.dtype | None, load_device, offload_device):
     """A ModelPatcher holding a host model whose diffusion model is our transformer, read from `path`."""
     facts = transformer_facts(path)
@@ -202,6 +231,8 @@ def load_model(path, option: torch.dtype | None, load_device, offload_device):
     fp8 = held in FP8
     transformer = load_transformer(path, offload_device, compute if fp8 else held, held if fp8 else None,
                                    ops=HOST_OPS, compute_dtype=compute, model_class=HostTransformer)  # fmt: skip
+    cast_per_call(transformer, compute)
+    gemm.use_gemms(transformer, host_gemms(load_device, compute))
     transformer.load_device = torch.device(load_device)
     config = Config({"image_model": "lumina2", "dim": facts.config.dim, "disable_unet_model_creation": True},
                     facts.fp16_ok)  # fmt: skip

@@ -9,10 +9,12 @@ kernels' glue with a stand-in; their numbers on a GPU are the bench's.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
 from helpers import SMALL, make_inputs
 
 from zimage_core import attention as attn
+from zimage_core import gemm
 from zimage_core.loaders import load_transformer
 from zimage_core.speed import Speed
 
@@ -158,3 +160,112 @@ def test_compiled_blocks_match_eager_and_new_sizes_and_caption_lengths_do_not_re
             graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
+
+
+# ---- low-precision GEMMs (zimage_core/gemm.py) ----
+
+
+def int8_weight(rows: int, cols: int, per_row: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (rows, cols), generator=g, dtype=torch.int8)
+    scale = (torch.rand(rows, 1, generator=g) + 0.5) / 127 / cols**0.5
+    return w, scale if per_row else scale[0, 0]
+
+
+@pytest.mark.parametrize("convrot", [0, 256])
+@pytest.mark.parametrize("per_row", [False, True], ids=["tensorwise", "per-row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_gemm_is_comfy_kitchens_int8_linear(convrot, per_row, dtype):
+    """ComfyUI 0.33.0 runs its int8 files through comfy-kitchen's `int8_linear` (activations per row, ConvRot
+    rotating them): ours gives its numbers, from one `torch._int_mm`."""
+    import comfy_kitchen as ck
+
+    w, scale = int8_weight(96, 512, per_row, seed=convrot + per_row)
+    x = (torch.randn(70, 512, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    x[3] *= 40  # an outlier token: its own scale, the others keep theirs
+    ours = gemm.int8_linear(x, w, scale, convrot)
+    theirs = ck.int8_linear(x, w, scale, None, dtype, convrot=bool(convrot), convrot_groupsize=convrot or 256)
+    assert ours.dtype == dtype
+    assert rel_err(ours, theirs) <= (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemm_quantizes_each_row_as_comfy_kitchen_and_multiplies_exactly(dtype):
+    """Each row of activations quantized by comfy-kitchen's `quantize_per_tensor_fp8` arithmetic with its own
+    scale (amax / 448), then one `_scaled_mm` against the e4m3 weight and its per-row scales: the float64 product
+    of exactly those quantized values."""
+    import comfy_kitchen as ck
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 256, generator=g).to(dtype)
+    x[5] *= 50
+    w = (torch.randn(48, 256, generator=g) * 100).to(torch.float8_e4m3fn)
+    w_scale = torch.rand(48, 1, generator=g) / 100
+    x_scale = x.abs().amax(-1, keepdim=True).float() / 448
+    xq = ck.quantize_per_tensor_fp8(x, x_scale)
+    expected = (xq.double() * x_scale.double()) @ (w.double() * w_scale.double()).T
+    got = gemm.fp8_linear(x, w, w_scale)
+    assert got.dtype == dtype
+    assert rel_err(got, expected) <= (1e-5 if dtype == torch.float32 else 8e-3)
+    assert rel_err(gemm.fp8_linear(x, w, None), (xq.double() * x_scale.double()) @ w.double().T) <= 8e-3
+
+
+@pytest.fixture(scope="module")
+def quantized_small(small_ref, tmp_path_factory):
+    """The SMALL model's block Linears quantized by comfy-kitchen as ComfyUI's files hold them, per format."""
+    from helpers import ck_quantized_file, to_comfy
+
+    sd, folder = to_comfy(small_ref.state_dict()), tmp_path_factory.mktemp("lowp")
+    return {label: ck_quantized_file(sd, label, folder / f"{i}.safetensors")[0]
+            for i, label in enumerate(("float8_e4m3fn", "int8_tensorwise", "int8_tensorwise + convrot 256"))}  # fmt: skip
+
+
+@pytest.mark.parametrize("label", ["float8_e4m3fn", "int8_tensorwise", "int8_tensorwise + convrot 256"])
+def test_low_precision_gemms_in_the_model_stay_near_the_dequantizing_path(quantized_small, label, monkeypatch):
+    """The same quantized file, bf16, its block Linears multiplied by fp8 `_scaled_mm` or int8 `_int_mm` (every
+    call with 32 rows or more: the modulation's few rows stay dequantized), against the fp32 model on the
+    dequantized weights. int8 (ComfyUI 0.33.0's W8A8) stays within twice the plain bf16 model's error. fp8 keeps 3
+    mantissa bits, so it cannot stay within bf16's tolerance: it errs no more than ComfyUI's own fp8 GEMMs (one
+    scale per tensor) on the same file, and within 4x plain bf16."""
+    inputs = make_inputs(SMALL, (16, 24), [20, 45], seed=3)
+    exact = run(load_transformer(quantized_small[label], dtype=torch.float32), inputs, torch.float32)
+    model = load_transformer(quantized_small[label], dtype=torch.bfloat16)
+    plain = rel_err(run(model, inputs, torch.bfloat16), exact)
+    kernel = "_scaled_mm" if label.startswith("float8") else "_int_mm"
+    calls, real = [], getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda a, *args, **kw: calls.append(len(a)) or real(a, *args, **kw))
+    Speed(gemm="lowp").apply(model, "cpu", torch.bfloat16)
+    calls.clear()  # the trial run
+    in_blocks = sum(getattr(m, "lowp", None) is not None for n, m in model.named_modules() if "layers." in n)
+    lowp = rel_err(run(model, inputs, torch.bfloat16), exact)
+    assert in_blocks >= 4 and len(calls) >= in_blocks and min(calls) >= gemm.MIN_ROWS, (in_blocks, calls)
+    if kernel == "_int_mm":
+        assert lowp <= 2 * plain, (plain, lowp)
+        return
+    per_row = gemm.row_scales
+    monkeypatch.setattr(gemm, "row_scales", lambda x, top: per_row(x, top).amax().expand(len(x), 1).contiguous())
+    comfyui_like = rel_err(run(model, inputs, torch.bfloat16), exact)
+    assert lowp <= comfyui_like and lowp <= 4 * plain, (plain, lowp, comfyui_like)
+
+
+def test_a_layer_with_a_lora_or_few_rows_dequantizes_and_modes_are_checked(quantized_small, monkeypatch):
+    model = load_transformer(quantized_small["int8_tensorwise"], dtype=torch.float32)
+    layer = model.layers[0].attention.qkv
+    x = torch.randn(40, layer.in_features)
+    dense = F.linear(x, layer.dense_weight(x.device, x.dtype))
+    assert gemm.use_gemms(model, frozenset({"fp8"})) == 0 and layer.lowp is None  # no fp8 weights here
+    assert gemm.use_gemms(model, gemm.kinds("lowp", "cpu", torch.float32)) >= 10 and layer.lowp == "int8"
+    assert 0 < rel_err(layer(x), dense) <= 2e-2
+    assert rel_err(layer(x[:4]), dense[:4]) <= 1e-6  # too few rows to pay
+    layer.weight_function.append(lambda w: 2 * w)  # a LoRA's per-call update needs the dense weight
+    assert rel_err(layer(x), 2 * dense) <= 1e-6
+    assert gemm.kinds("auto", "cpu", torch.float32) == gemm.kinds("dequantize", "cpu", torch.float32) == frozenset()
+    with pytest.raises(ValueError, match="unknown GEMM mode 'int4'"):
+        Speed(gemm="int4")
+    monkeypatch.setattr(gemm, "runs", lambda name, device, dtype: "no kernel" if name == "fp8" else None)
+    with pytest.raises(ValueError, match="GEMM mode 'lowp' cannot run on cpu in torch.float32: fp8: no kernel"):
+        gemm.kinds("lowp", "cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
+    assert gemm.kinds("auto", "cuda", torch.bfloat16) == {"int8"}  # Ampere: int8 GEMMs, no fp8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert gemm.kinds("auto", "cuda", torch.bfloat16) == {"int8"}  # fp8 refused by its trial here

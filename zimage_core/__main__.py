@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import limits
 from .attention import BACKENDS
+from .gemm import MODES as GEMM_MODES
 from .checkpoint import CheckpointError
 from .controlnet import ControlRequest
 from .loaders import LOADERS, components
@@ -177,7 +178,7 @@ def generate(args) -> int:
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
         strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
         vae_dtype=DTYPES[args.vae_dtype], loras=args.lora, control=control,
-        speed=Speed(args.attention, args.residual, args.compile),
+        speed=Speed(args.attention, args.residual, args.compile, args.gemm),
     )  # fmt: skip
     for note in result.loras:
         print(note, file=sys.stderr)
@@ -286,6 +287,13 @@ def main(argv=None) -> int:
         help="the residual stream's dtype: fp32 (default, as the references) or compute (faster, in bf16)",
     )
     p.add_argument("--compile", action="store_true", help="compile the transformer's blocks (the first image waits)")
+    p.add_argument(
+        "--gemm",
+        choices=GEMM_MODES,
+        default="auto",
+        help="how fp8 and int8 weights multiply: auto (default: fp8/int8 GEMMs where the GPU has them, else "
+        "dequantized to the compute dtype), dequantize, or lowp (low-precision GEMMs wherever they run)",
+    )
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")
     p.set_defaults(run=generate)

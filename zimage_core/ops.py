@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemm
 from .attention import sdpa
 from .quant import Format, dequantize
 
@@ -29,6 +30,7 @@ class Compact:
         self.dense_dtype = torch.float32  # the dtype the loader would have held it in (an embedding's output)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_scale_2", None)
+        self.lowp: str | None = None  # the low-precision GEMM it multiplies by, if any (`gemm.use_gemms`)
 
     @property
     def is_compact(self) -> bool:
@@ -66,6 +68,8 @@ class Linear(Compact, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        if self.lowp and not self.weight_function and (out := gemm.linear(self, x)) is not None:
+            return out if b is None else out + b
         w = self.dense_weight(x.device, x.dtype)
         for update in self.weight_function:
             w = update(w)

@@ -6,7 +6,9 @@ each within bf16 tolerance of the plain path).
   ComfyUI's) or `compute` (the GEMMs' dtype: half the elementwise traffic in bf16, about 1.3x the plain bf16
   error against fp32);
 - compile: regional `torch.compile` of the repeated blocks with dynamic shapes, so a new resolution or caption
-  length does not recompile (the first call pays the compile: seconds to a minute).
+  length does not recompile (the first call pays the compile: seconds to a minute);
+- gemm: how Linears holding fp8 or int8 weights multiply (`gemm.MODES`): `dequantize` (the plain path), `auto`
+  (fp8 `_scaled_mm` and int8 `_int_mm` where the GPU runs them fast), `lowp` (wherever they run, the CPU too).
 
 Inside ComfyUI the host decides these (its attention flags, its TorchCompileModel node); they are for the CLI and
 the library.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gemm
 from .attention import attention, known, use_attention
 
 RESIDUALS = ("fp32", "compute")
@@ -28,9 +31,12 @@ class Speed:
     attention: str = "auto"
     residual: str = "fp32"
     compile: bool = False
+    gemm: str = "dequantize"
 
     def __post_init__(self):
         known(self.attention)
+        if self.gemm not in gemm.MODES:
+            raise ValueError(f"unknown GEMM mode {self.gemm!r}: use one of {', '.join(gemm.MODES)}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"unknown residual dtype {self.residual!r}: use one of {', '.join(RESIDUALS)}")
 
@@ -38,9 +44,14 @@ class Speed:
         """The attention kernel; a backend `device` cannot run in `dtype` fails here, before anything loads."""
         return attention(self.attention, device, dtype, head_dim)
 
+    def gemms(self, device, dtype: torch.dtype) -> frozenset[str]:
+        """The low-precision GEMMs to use; asked for where they cannot run, this fails before anything loads."""
+        return gemm.kinds(self.gemm, device, dtype)
+
     def apply(self, model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
         """`model` (a transformer or a ControlNet) set to run with these levers on `device` in `dtype`."""
         use_attention(model, self.kernel(device, dtype, model.cfg.head_dim))
+        gemm.use_gemms(model, self.gemms(device, dtype))
         if hasattr(model, "residual_dtype"):
             model.residual_dtype = dtype if self.residual == "compute" else torch.float32
         if self.compile:
