@@ -179,7 +179,8 @@ def test_loras_stack_on_the_command_line_and_say_what_they_matched(tmp_path):
 
 def test_speed_levers_on_the_command_line(tmp_path):
     """--attention, --residual and --compile run the same image within bf16 tolerance of the plain one (fp32 on the
-    CPU: attention kernels agree closely); an attention kernel the device cannot run is refused by name."""
+    CPU: attention kernels agree closely); an attention kernel the device cannot run is refused by name, and so is
+    a VRAM budget (--vram) too small to stream in."""
     base = ["--model", "tiny-random", "--prompt", "a cat", "--size", "32x32", "--steps", "2", "--seed", "3"]
     images = {}
     for name, extra in (("plain", []), ("math", ["--attention", "math"]), ("levers", ["--attention", "flash",
@@ -191,3 +192,5 @@ def test_speed_levers_on_the_command_line(tmp_path):
         assert np.abs(images[name] - images["plain"]).max() <= 2, name
     result = generate(*base, "--attention", "cudnn", "--out", tmp_path / "x.png")
     assert result.returncode == 1 and "attention 'cudnn' cannot run on cpu" in result.stderr
+    result = generate(*base, "--vram", "0.001", "--gemm", "lowp", "--out", tmp_path / "x.png")
+    assert result.returncode == 1 and "a VRAM budget of 0.001 GB is below what streaming this model" in result.stderr

@@ -10,6 +10,7 @@ kernels' glue with a stand-in; their numbers on a GPU are the bench's.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import rel_err
 from helpers import SMALL, make_inputs
 
@@ -269,3 +270,42 @@ def test_a_layer_with_a_lora_or_few_rows_dequantizes_and_modes_are_checked(quant
     assert gemm.kinds("auto", "cuda", torch.bfloat16) == {"int8"}  # Ampere: int8 GEMMs, no fp8
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     assert gemm.kinds("auto", "cuda", torch.bfloat16) == {"int8"}  # fp8 refused by its trial here
+
+
+# ---- no host syncs in the step loop ----
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a tensor's value back to Python (`.item()`, `float()`, `bool()`,
+    `nonzero`): on a GPU each one waits for the device to finish everything queued."""
+
+    READS = ("_local_scalar_dense", "is_nonzero", "equal", "nonzero", "_assert_async")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.reads.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_step_loop_never_reads_a_value_back_from_the_device():
+    """Once a shape's layout is built (on the host, cached), sampling with guidance, seed variety and inpainting
+    reads nothing back per step, so a GPU's queue never drains between steps."""
+    from zimage_core import pipeline, sampling
+
+    model = pipeline.tiny_random("transformer", "cpu", torch.float32)
+    encoder = pipeline.tiny_random("text_encoder", "cpu", torch.float32)
+    cond, uncond = encoder.encode(["a cat on a windowsill", "blurry"]).split(1)
+    g = torch.Generator().manual_seed(4)
+    x, clean, noise = (torch.randn(1, 16, 8, 12, generator=g) for _ in range(3))
+    mask = (torch.rand(1, 1, 8, 12, generator=g) > 0.5).float()
+    options = dict(scale=2.0, inpaint=(clean, noise, mask), variety=(sampling.vary(cond, [3], 0.4), 1),
+                   callback=lambda *a: None)  # fmt: skip
+    expected = sampling.sample(model, x, cond, uncond, sampling.sigmas(4), **options)  # builds the layouts
+    with HostReads() as watch:
+        got = sampling.sample(model, x, cond, uncond, sampling.sigmas(4), **options)
+    assert watch.reads == []
+    assert rel_err(got, expected) <= 1e-6

@@ -178,7 +178,7 @@ def generate(args) -> int:
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
         strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
         vae_dtype=DTYPES[args.vae_dtype], loras=args.lora, control=control,
-        speed=Speed(args.attention, args.residual, args.compile, args.gemm),
+        speed=Speed(args.attention, args.residual, args.compile, args.gemm, args.vram),
     )  # fmt: skip
     for note in result.loras:
         print(note, file=sys.stderr)
@@ -293,6 +293,14 @@ def main(argv=None) -> int:
         default="auto",
         help="how fp8 and int8 weights multiply: auto (default: fp8/int8 GEMMs where the GPU has them, else "
         "dequantized to the compute dtype), dequantize, or lowp (low-precision GEMMs wherever they run)",
+    )
+    p.add_argument(
+        "--vram",
+        type=float,
+        default=0.0,
+        metavar="GB",
+        help="keep the weights on the GPU within GB: the text encoder and transformer stream the blocks that do not "
+        "fit from host memory (default 0: no limit)",
     )
     p.add_argument("--save-latent", help="also write the latent in ComfyUI's Save Latent format (.latent)")
     p.add_argument("--out", required=True, help="PNG to write (with a batch: NAME_00.png, NAME_01.png, ...)")

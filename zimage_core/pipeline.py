@@ -194,7 +194,8 @@ def generate(
     edit pipeline runs it in bf16). The returned latents are the sampler's, unrounded.
     `loras` (file, strength) are merged into the transformer's weights (compact weights take them per call).
     `control`: a Fun ControlNet Union and what it follows (its images set the size when none is given).
-    `speed`: the attention kernel, residual dtype and compilation the transformer and ControlNet run with.
+    `speed`: the attention kernel, residual dtype, compilation and GEMMs the transformer and ControlNet run with,
+    and the VRAM budget the text encoder and transformer stream their blocks within.
     """
     steps, cfg = variant_settings(models.transformer, steps, cfg)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
@@ -236,13 +237,14 @@ def generate(
         control = Control(net, context, control.strength, sigma_range)
     if init_images is not None:
         start_index(steps, strength)  # a strength that leaves no step fails here, not after loading
-    encoder = load("text_encoder", models.text_encoder, device, dtype)
+    encoder = speed.place(load("text_encoder", models.text_encoder, speed.home(device), dtype), device)
     if references:
         cond = encode_prompts(encoder, prompts, n_refs)
         uncond = encode_prompts(encoder, negatives or [""] * len(prompts), n_refs) if cfg > 1 else None
+    elif cfg > 1:  # prompts and negatives in one pass: the encoder's time is launches, not tokens
+        cond, uncond = encoder.encode(prompts + (negatives or [""] * len(prompts))).split(len(prompts))
     else:
-        cond = encoder.encode(prompts)
-        uncond = encoder.encode(negatives or [""] * len(prompts)) if cfg > 1 else None
+        cond, uncond = encoder.encode(prompts), None
     del encoder
     release(device)
 
@@ -256,7 +258,7 @@ def generate(
             init_images = init_images.clamp(0, 1).movedim(1, -1)
         clean, start = encode_with_noise(vae, init_images.expand(len(seeds), -1, -1, -1), seeds)
     shape = (vae.cfg.latent_channels, height // vae.cfg.factor, width // vae.cfg.factor)
-    transformer = speed.apply(load("transformer", models.transformer, device, dtype), device, dtype)
+    transformer = load("transformer", models.transformer, speed.home(device), dtype)
     if references and transformer.cfg.siglip_feat_dim is None:
         raise CheckpointError(
             f"{models.transformer}: not an Omni/Edit transformer (it has no SigLIP weights); editing with reference "
@@ -264,6 +266,7 @@ def generate(
         )
     read = [(read_lora(path, linear_shapes(transformer)), s) for path, s in loras]
     applied = apply_loras(transformer, read, keep_originals=False) if read else None
+    transformer = speed.apply(speed.place(transformer, device), device, dtype)
     notes = [f"{lora.summary()}\n  strength {s}, {applied.describe()}" for lora, s in read]
     if references:
         cond = EditConditioning(cond, refs, features)

@@ -165,14 +165,18 @@ def sample(
     x = latents.to(device, torch.float32)
     timesteps = schedule.to(device) * 1000
     total = len(schedule) - 1
+    # Read on the host once, so the loop never waits for the device: the sigmas, each step's float32 size, and the
+    # model time as the device computes it below (the same float32 operations give the same values).
+    sigma, step = schedule.tolist(), (schedule[1:] - schedule[:-1]).tolist()
+    model_time = ((1000 - schedule * 1000) / 1000).tolist()
     clean, start, mask = (part.to(device) for part in inpaint) if inpaint is not None else (None, None, None)
     for i in range(total):
         if cancelled is not None and cancelled():
             raise InterruptedError(f"cancelled before step {i + 1} of {total}")
         t = ((1000 - timesteps[i]) / 1000).expand(x.shape[0])
         captions, lengths = varied if i < varied_steps else plain
-        extra = {"control": control} if control is not None and control.active(float(schedule[i])) else {}
-        if guided and float(t[0]) <= truncation:
+        extra = {"control": control} if control is not None and control.active(sigma[i]) else {}
+        if guided and model_time[i] <= truncation:
             try:
                 pos, neg = (
                     model(x.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), captions, lengths, **extra).float().chunk(2)
@@ -187,11 +191,11 @@ def sample(
                 v = v * torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None, None, None]
         else:
             v = model(x.to(dtype), t, captions[:n], lengths[:n], **extra).float()
-        x = x + (schedule[i + 1] - schedule[i]).to(device) * -v
+        x = x + step[i] * -v
         if callback is not None:
-            callback(i + 1, total, x - schedule[i + 1].to(device) * -v)
+            callback(i + 1, total, x - sigma[i + 1] * -v)
         if mask is not None:
-            keep = noised(clean, start, schedule[i + 1].to(device)) if i < total - 1 else clean
+            keep = noised(clean, start, sigma[i + 1]) if i < total - 1 else clean
             x = (1 - mask) * keep + mask * x
     return x
 

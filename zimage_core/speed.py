@@ -8,7 +8,9 @@ each within bf16 tolerance of the plain path).
 - compile: regional `torch.compile` of the repeated blocks with dynamic shapes, so a new resolution or caption
   length does not recompile (the first call pays the compile: seconds to a minute);
 - gemm: how Linears holding fp8 or int8 weights multiply (`gemm.MODES`): `dequantize` (the plain path), `auto`
-  (fp8 `_scaled_mm` and int8 `_int_mm` where the GPU runs them fast), `lowp` (wherever they run, the CPU too).
+  (fp8 `_scaled_mm` and int8 `_int_mm` where the GPU runs them fast), `lowp` (wherever they run, the CPU too);
+- vram: a budget in GB for the weights on the device (0: no limit): the text encoder and the transformer load
+  into host memory and stream the blocks that do not fit (`streaming.py`).
 
 Inside ComfyUI the host decides these (its attention flags, its TorchCompileModel node); they are for the CLI and
 the library.
@@ -22,6 +24,7 @@ import torch
 
 from . import gemm
 from .attention import attention, known, use_attention
+from .streaming import stream
 
 RESIDUALS = ("fp32", "compute")
 
@@ -32,9 +35,12 @@ class Speed:
     residual: str = "fp32"
     compile: bool = False
     gemm: str = "dequantize"
+    vram: float = 0.0
 
     def __post_init__(self):
         known(self.attention)
+        if not self.vram >= 0:
+            raise ValueError(f"VRAM budget {self.vram!r} GB: give a positive number of GB, or 0 for no limit")
         if self.gemm not in gemm.MODES:
             raise ValueError(f"unknown GEMM mode {self.gemm!r}: use one of {', '.join(gemm.MODES)}")
         if self.residual not in RESIDUALS:
@@ -47,6 +53,14 @@ class Speed:
     def gemms(self, device, dtype: torch.dtype) -> frozenset[str]:
         """The low-precision GEMMs to use; asked for where they cannot run, this fails before anything loads."""
         return gemm.kinds(self.gemm, device, dtype)
+
+    def home(self, device) -> str | torch.device:
+        """Where to load a model: host memory when it will stream, else `device`."""
+        return "cpu" if self.vram else device
+
+    def place(self, model: torch.nn.Module, device) -> torch.nn.Module:
+        """A model loaded at `home` set to run on `device`: streamed within the budget where one is set."""
+        return stream(model, device, self.vram) if self.vram else model
 
     def apply(self, model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
         """`model` (a transformer or a ControlNet) set to run with these levers on `device` in `dtype`."""

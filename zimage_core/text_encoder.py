@@ -85,6 +85,16 @@ class Embeddings(NamedTuple):
             raise ValueError(f"conditioning for {len(self.lengths)} prompts cannot serve {n} images")
         return Embeddings(self.features.expand(n, -1, -1), self.lengths * n, self.dropped * n)
 
+    def split(self, n: int) -> tuple[Embeddings, Embeddings]:
+        """The first `n` items and the rest (prompts and negatives encoded in one pass), each only as long as its
+        longest item, as if encoded alone."""
+
+        def part(items: slice) -> Embeddings:
+            lengths = self.lengths[items]
+            return Embeddings(self.features[items, : max(lengths)], lengths, self.dropped[items])
+
+        return part(slice(0, n)), part(slice(n, None))
+
 
 def fp32_norm(norm: type) -> type:
     """`norm` computing on fp32 input and giving back its input's dtype, as transformers' Qwen3RMSNorm does."""
