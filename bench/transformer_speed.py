@@ -40,6 +40,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="timed forwards per peer and size (the median is reported)")
     p.add_argument("--compile", action="store_true", help="also each peer with its repeated blocks compiled")
     p.add_argument("--residual", choices=["fp32", "compute"], default="fp32", help="our residual stream's dtype")
+    p.add_argument("--fp8", action="store_true", help="also ours with the blocks' Linears held in fp8 (per-row "
+                   "scales) and multiplied by fp8 GEMMs (`_scaled_mm`)")  # fmt: skip
+    p.add_argument("--vram", type=float, default=0.0, metavar="GB",
+                   help="also ours streaming its blocks within GB of device memory for its weights")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "transformer_speed.json")
     p.add_argument("--in-host", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -158,6 +162,35 @@ def compiled(name: str, model):
     return twin
 
 
+def fp8_twin(model, dev, dtype):
+    """A copy of ours whose blocks' Linears hold e4m3 weights with one scale per row and multiply by fp8 GEMMs."""
+    import copy
+
+    import torch
+
+    from zimage_core.speed import Speed
+    from zimage_core.streaming import block_lists
+
+    twin = copy.deepcopy(model)
+    for block in block_lists(twin):
+        for layer in block.modules():
+            if hasattr(layer, "weight_scale") and layer.weight.dim() == 2:
+                w = layer.weight.float()
+                scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
+                layer.weight = torch.nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
+                layer.weight_scale = scale
+    return Speed(gemm="lowp").apply(twin, dev, dtype)
+
+
+def streamed_twin(model, dev, budget_gb: float):
+    """A copy of ours loaded into host memory and streamed onto `dev` within `budget_gb` for its weights."""
+    import copy
+
+    from zimage_core.streaming import stream
+
+    return stream(copy.deepcopy(model).cpu(), dev, budget_gb)
+
+
 def timed(call) -> float:
     import torch
 
@@ -206,6 +239,10 @@ def run(args, host: Path | None):
     if host:
         peers["ComfyUI"] = native_peer(host, sd, dtype, cfg.norm_eps)
     del sd
+    if args.fp8:
+        peers["ours fp8"] = fp8_twin(ours, dev, dtype)
+    if args.vram:
+        peers["ours streamed"] = streamed_twin(ours, dev, args.vram)
     if args.compile:  # each peer's own regional compilation, beside its eager self (the same weights)
         for name in list(peers):
             peers[f"{name} compiled"] = compiled(name, peers[name])
@@ -257,10 +294,10 @@ def run(args, host: Path | None):
     args.out.write_text(json.dumps(report, indent=1))
     print(f"{report['device']}, {report['dtype']}, {layers} layers + {cfg.n_refiner_layers} + {cfg.n_refiner_layers} "
           f"refiners, caption {CAPTION} tokens; matmul ceiling {peak / 1e12:.2f} TFLOP/s")  # fmt: skip
-    print(f"{'image':>6} {'peer':>10} {'seconds':>9} {'TFLOP/s':>8} {'ceiling':>8} {'peak +MB':>9} "
+    print(f"{'image':>6} {'peer':>14} {'seconds':>9} {'TFLOP/s':>8} {'ceiling':>8} {'peak +MB':>9} "
           f"{'ours is':>8} {'rel diff':>9}")  # fmt: skip
     for r in rows:
-        print(f"{r['size']:>5}² {r['peer']:>10} {r['seconds']:>9.3f} {r['tflops']:>8.3f} {r['share_of_ceiling']:>8.1%} "
+        print(f"{r['size']:>5}² {r['peer']:>14} {r['seconds']:>9.3f} {r['tflops']:>8.3f} {r['share_of_ceiling']:>8.1%} "
               f"{r['peak_added_bytes'] / 2**20:>9.0f} {r['ours_speedup']:>7.3f}x {r['rel_diff_to_diffusers']:>9.1e}")  # fmt: skip
     print(f"written to {args.out}")
 

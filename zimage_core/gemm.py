@@ -94,12 +94,17 @@ def runs(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def known(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown GEMM mode {mode!r}: use one of {', '.join(MODES)}")
+    return mode
+
+
 def kinds(mode: str, device, dtype: torch.dtype) -> frozenset[str]:
     """The low-precision GEMMs `mode` turns on for `device` and `dtype`: none for `dequantize`; for `auto` those
     the device runs fast (CUDA from sm89 for fp8, sm80 for int8); for `lowp` every one that runs there (the CPU
     too, where they are slow: for tests), an error naming any that cannot."""
-    if mode not in MODES:
-        raise ValueError(f"unknown GEMM mode {mode!r}: use one of {', '.join(MODES)}")
+    known(mode)
     device = torch.device(device)
     if mode == "dequantize":
         return frozenset()
@@ -110,8 +115,8 @@ def kinds(mode: str, device, dtype: torch.dtype) -> frozenset[str]:
         return frozenset(k for k, need in NEEDS.items() if capability >= need and runs(k, device, dtype) is None)
     failed = {k: why for k in NEEDS if (why := runs(k, device, dtype)) is not None}
     if failed:
-        raise ValueError("GEMM mode 'lowp' cannot run on " + f"{device} in {dtype}: " +
-                         "; ".join(f"{k}: {why}" for k, why in failed.items()))  # fmt: skip
+        reasons = "; ".join(f"{k}: {why}" for k, why in failed.items())
+        raise ValueError(f"GEMM mode 'lowp' cannot run on {device} in {dtype}: {reasons}")
     return frozenset(NEEDS)
 
 

@@ -1,5 +1,6 @@
-"""The speed levers of a run, each switchable (bench/transformer_speed.py measures them; tests/test_levers.py holds
-each within bf16 tolerance of the plain path).
+"""The speed and memory levers of a run, each switchable (bench/transformer_speed.py and bench/end_to_end.py
+measure them; tests/test_levers.py and tests/test_streaming.py hold each within bf16 tolerance of the plain path,
+fp8 GEMMs within that of ComfyUI's own fp8 GEMMs).
 
 - attention: the kernel (`attention.BACKENDS`; `auto` picks per device);
 - residual: the dtype of the residual stream, norms and RoPE between the GEMMs: `fp32` (the references' and
@@ -12,8 +13,8 @@ each within bf16 tolerance of the plain path).
 - vram: a budget in GB for the weights on the device (0: no limit): the text encoder and the transformer load
   into host memory and stream the blocks that do not fit (`streaming.py`).
 
-Inside ComfyUI the host decides these (its attention flags, its TorchCompileModel node); they are for the CLI and
-the library.
+Inside ComfyUI the host decides these (its attention flags, its TorchCompileModel node, its partial loading, its
+`--fast` flags); they are for the CLI and the library.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ class Speed:
         known(self.attention)
         if not self.vram >= 0:
             raise ValueError(f"VRAM budget {self.vram!r} GB: give a positive number of GB, or 0 for no limit")
-        if self.gemm not in gemm.MODES:
-            raise ValueError(f"unknown GEMM mode {self.gemm!r}: use one of {', '.join(gemm.MODES)}")
+        gemm.known(self.gemm)
         if self.residual not in RESIDUALS:
             raise ValueError(f"unknown residual dtype {self.residual!r}: use one of {', '.join(RESIDUALS)}")
 
