@@ -30,23 +30,66 @@ def small_folder(small_ref, tmp_path_factory):
 # ---- real ComfyUI servers (tests/comfyui.py); every test using `server` is marked `server` ----
 
 
+def pytest_itemcollected(item):
+    """Mark server tests, and group each host's tests for pytest-xdist (under -n: one worker, the host started
+    once); here, before any `pytest_collection_modifyitems`, since xdist's reads the groups there."""
+    if "server" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.server)
+    version = getattr(item, "callspec", None) and item.callspec.params.get("server")
+    if version:
+        item.add_marker(pytest.mark.xdist_group(f"ComfyUI {version}"))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the items by host
 def pytest_collection_modifyitems(config, items):
-    """Mark server tests; a test marked `hosts(...)` runs only against those versions (the rest are deselected)."""
+    """A test (or a parameter) marked `hosts(...)` runs only against those versions (the rest are deselected). What
+    depends on the host runs on every host; what only our code decides runs on the newest. The hosts' tests go first
+    (a stable sort: each host's stay together), so under -n the longest groups start first and the short tests fill
+    in beside them."""
     kept, dropped = [], []
     for item in items:
-        if "server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.server)
-        only = item.get_closest_marker("hosts")
         version = getattr(item, "callspec", None) and item.callspec.params.get("server")
-        (dropped if only and version not in only.args else kept).append(item)
+        only = [set(mark.args) for mark in item.iter_markers("hosts")]  # the test's and its parameter's
+        (dropped if any(version not in hosts for hosts in only) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    items[:] = sorted(kept, key=lambda item: item.get_closest_marker("server") is None)
+
+
+@pytest.fixture(autouse=True)
+def one_heavy_test_at_a_time(request, tmp_path_factory):
+    """Tests marked `heavy` hold gigabytes (real-width slices, a full-size text encoder): under -n two of them at once
+    would page a 24 GB machine to a crawl, so they take turns (a lock in the run's shared temporary folder)."""
+    if request.node.get_closest_marker("heavy") is None:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(tmp_path_factory.getbasetemp().parent / "heavy-tests.lock"):
+        yield
+
+
+REPORTED: dict[str, dict[str, str]] = {}  # comfyui.REPORT as the reports bring it, from this process or a worker
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The figures travel with the test's report: under pytest-xdist the summary is printed by another process."""
+    outcome = yield
+    if call.when == "teardown" and comfyui.REPORT:
+        outcome.get_result().user_properties.append(("comfyui", {k: dict(v) for k, v in comfyui.REPORT.items()}))
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "comfyui":
+            for version, rows in value.items():
+                REPORTED.setdefault(version, {}).update(rows)
 
 
 def pytest_terminal_summary(terminalreporter):
     """The hardening tests' figures per host (cases, fuzz, RSS drift, interrupts), for the record."""
-    for version, rows in comfyui.REPORT.items():
+    for version, rows in REPORTED.items():
         terminalreporter.write_line(f"ComfyUI {version}:")
         for key, value in rows.items():
             terminalreporter.write_line(f"  {key}: {value}")

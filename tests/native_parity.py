@@ -7,7 +7,7 @@ with one kohya-named LoRA applied by `comfy.sd.load_lora_for_models` (what LoraL
 
 ComfyUI's q/k RMSNorms use torch's default eps where the official model (and ours) uses 1e-5; the native model's
 are set to 1e-5 first, as in our transformer tests. Then the same slice in each quantized format the host's own
-loader knows (its `QUANT_ALGOS`; the main layers' Linears, as the refiners run the same code), written by
+loader knows (its `QUANT_ALGOS`; the first layer's Linears: the other blocks run the same code), written by
 comfy-kitchen: ComfyUI's loader and ours load the one file and predict alike. Arguments: the pack's folder, a work folder. Prints one JSON line of relative errors
 (max |ours - native| / max |native|)."""
 
@@ -157,12 +157,8 @@ result = {
     "eps_aligned": aligned,
     "forward": rel(predict(ours), predict(native)),
 }
-plain = {}
-for name in ("euler", "res_multistep"):
-    plain[name] = ksampler(native, name), ksampler(ours, name)
-    result[name] = rel(plain[name][1], plain[name][0])
-    result[f"{name}_scale"] = float(plain[name][0].abs().max())
-plain_native, plain_ours = plain["euler"]
+plain_native, plain_ours = ksampler(native, "euler"), ksampler(ours, "euler")
+result |= {"euler": rel(plain_ours, plain_native), "euler_scale": float(plain_native.abs().max())}
 (native_lora, native_unmatched), (ours_lora, ours_unmatched) = with_lora(native), with_lora(ours)
 lora_native, lora_ours = ksampler(native_lora, "euler"), ksampler(ours_lora, "euler")
 result |= {
@@ -178,12 +174,12 @@ by_our_loader = ksampler(apply_lora(native, str(work / "split_lora.safetensors")
 result["our_loader_split_on_native"] = rel(by_our_loader, lora_native)
 del native, ours, native_lora, ours_lora  # four fp32 copies of the slice: the quantized ones need the room
 gc.collect()
-main_layers = lambda name: is_block_linear(name) and name.startswith("layers.")  # the refiners' code is the same
+first_layer = lambda name: is_block_linear(name) and name.startswith("layers.0.")  # every kind of Linear it has
 QUANTIZED = {"int8_tensorwise": "int8_tensorwise + convrot 256", "mxfp8": "mxfp8", "nvfp4": "nvfp4"}
 for fmt, label in QUANTIZED.items():
     if fmt not in comfy.quant_ops.QUANT_ALGOS:
         continue
-    quantized = ck_quantized_file(weights, label, work / f"z_image_slice_{fmt}.safetensors", main_layers)[0]
+    quantized = ck_quantized_file(weights, label, work / f"z_image_slice_{fmt}.safetensors", first_layer)[0]
     native_q, ours_q = load_native(quantized)[0], load_model(str(quantized), torch.float32, cpu, cpu)
     result[f"quantized {label}"] = rel(predict(ours_q), predict(native_q))
     del native_q, ours_q

@@ -285,6 +285,7 @@ def inspect_json(path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_peak_rss_stays_near_the_weights_held(tmp_path, dtype):
     """A real-width 4-layer model, sparse: peak RSS <= 1.15 x bf16 weights + 0.5 GB, from bf16 or fp32 files."""
@@ -298,6 +299,7 @@ def test_peak_rss_stays_near_the_weights_held(tmp_path, dtype):
     assert loaded_peak(info) <= 1.15 * info["held_bytes"] + 0.15e9
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("layout", ["single file", "folder"])
 def test_text_encoder_peak_rss_stays_near_the_weights_held(tmp_path, layout):
     """Real-width Qwen3 (full vocabulary), 5 layers of which 4 are loaded, sparse bf16: the same bound."""

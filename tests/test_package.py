@@ -85,7 +85,8 @@ NETWORK = {"socket", "urllib", "http", "requests", "aiohttp", "websocket", "webs
 
 def test_shipped_files_never_unpickle_exec_install_or_touch_the_network():
     files = shipped()
-    assert "zimage_core/client.py" not in files and not any(f.startswith(("tests/", "bench/")) for f in files)
+    assert not {"zimage_core/client.py", "zimage_core/redis_queue.py"} & set(files)
+    assert not any(f.startswith(("tests/", "bench/")) for f in files)
     assert {"__init__.py", "nodes/sampler.py", "zimage_core/sampling.py", "pyproject.toml"} <= set(files)
     for path in (ROOT / f for f in files if f.endswith(".py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -131,3 +132,40 @@ def test_workflows_ship_where_comfyui_lists_templates():
     files = shipped()
     templates = [f for f in files if f.startswith("workflows/") and f.count("/") == 1 and f.endswith(".json")]
     assert len(templates) >= 5 and all(f"workflows/api/{t.split('/')[1]}" in files for t in templates)
+
+
+def test_each_host_group_runs_on_one_worker(tmp_path):
+    """CI's time rests on `-n 2 --dist loadgroup` keeping each host's server tests on one worker (tests/conftest.py
+    groups them): with pytest 9.2 and pytest-xdist 3.8 the groups were silently ignored and every worker started
+    every host. The same hooks on a stand-in `server` fixture, run under xdist: each host's tests on one worker."""
+    (tmp_path / "conftest.py").write_text(f"""
+import importlib.util, sys
+import pytest
+
+sys.path.insert(0, {str(ROOT / "tests")!r})
+spec = importlib.util.spec_from_file_location("suite_conftest", {str(ROOT / "tests" / "conftest.py")!r})
+suite = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(suite)
+pytest_itemcollected, pytest_collection_modifyitems = suite.pytest_itemcollected, suite.pytest_collection_modifyitems
+
+@pytest.fixture(scope="session", params=["0.33.0", "0.8.0"])
+def server(request):
+    return request.param
+""")
+    (tmp_path / "test_groups.py").write_text("""
+import os, pytest
+
+@pytest.mark.parametrize("i", range(4))
+def test_host(server, i, tmp_path_factory):
+    (tmp_path_factory.getbasetemp().parent / f"{server}-{i}").write_text(os.environ["PYTEST_XDIST_WORKER"])
+
+@pytest.mark.parametrize("i", range(4))
+def test_other(i):
+    pass
+""")
+    base = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                           f"--basetemp={base}", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    workers = {host: {(base / f"{host}-{i}").read_text() for i in range(4)} for host in ("0.33.0", "0.8.0")}
+    assert all(len(names) == 1 for names in workers.values()), workers

@@ -162,6 +162,7 @@ def test_generate_and_inspect_run_without_madvise_resource_and_proc(comfy_models
     assert linux.shape == (64, 64, 3) and np.array_equal(linux, windows)  # one process, one shape: one result
 
 
+@pytest.mark.heavy
 def test_the_fallback_reader_keeps_peak_rss_near_the_weights_held(tmp_path):
     """A real-width 4-layer transformer, sparse bf16, read without madvise: the same bound as the mapped reader."""
     specs = full_size_specs(dict(REAL, n_layers=4), torch.bfloat16)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from comfyui import INPUT_IMAGES, PACK, SIZE, node_of, run, saved, small, workflow
+from comfyui import INPUT_IMAGES, NEWEST, PACK, SIZE, node_of, run, saved, small, workflow
 from PIL import Image
 from workflow_api import recorded_object_info, shipped, to_api, widget_names
 
@@ -102,6 +102,7 @@ def test_nodes_make_the_pipelines_image(server, client, models):
     assert difference.max() <= 1 and difference.mean() <= 0.01, (difference.max(), difference.mean())
 
 
+@pytest.mark.hosts(NEWEST)  # the pipeline parity is ours; every host runs the edit workflow above
 def test_an_edit_graph_makes_the_pipelines_edit(server, client, models):
     """The Omni route of the edit workflow and `generate(references=...)` share their policies (VAE dtype, sizes,
     prompt pieces): the same pixels."""
@@ -126,6 +127,7 @@ def test_an_edit_graph_makes_the_pipelines_edit(server, client, models):
     assert image.shape == expected.shape and difference.max() <= 1, (difference.max(), difference.mean())
 
 
+@pytest.mark.hosts(NEWEST)  # the pipeline parity is ours; every host runs the ControlNet workflows above
 def test_a_controlnet_graph_makes_the_pipelines_controlled_image(server, client, models):
     """The Turbo ControlNet workflow with its control image fed straight in (the pipeline runs no Canny) and
     `generate(control=ControlRequest(...))` (proven against diffusers) give the same pixels."""
@@ -281,15 +283,15 @@ def test_the_client_runs_a_prompt_file_against_the_server(server, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red apple on a table\n\n一只猫在窗台上\n")
     code = client_main([str(api), "--server", server.url, "--prompts", str(prompts), "--seed", "3", "--size",
-                        "256x256", "--set", f"{sampler}.steps=2", "--concurrency", "2", "--out", str(tmp_path / "out"),
+                        "128x128", "--set", f"{sampler}.steps=2", "--concurrency", "2", "--out", str(tmp_path / "out"),
                         "--quiet"])  # fmt: skip
     assert code == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "jobs.jsonl").read_text().splitlines()]
     assert sorted(r["prompt"] for r in records) == ["a red apple on a table", "一只猫在窗台上"]
     assert sorted(r["seed"] for r in records) == [3, 4]
     for r in records:
-        assert r["error"] is None and r["size"] == [256, 256] and r["prompt_id"]
-        assert np.asarray(Image.open(r["outputs"][0])).shape == (256, 256, 3)
+        assert r["error"] is None and r["size"] == [128, 128] and r["prompt_id"]
+        assert np.asarray(Image.open(r["outputs"][0])).shape == (128, 128, 3)
 
 
 def test_the_template_browser_lists_and_serves_the_ui_workflows(server):
@@ -386,14 +388,14 @@ def quantized(models):
 
 @pytest.mark.parametrize(
     ("loader", "name"),
-    [("ZImageTransformerLoader", "z_image_turbo-Q8_0.gguf"),
-     ("ZImageTransformerLoader", "z_image_turbo_int8_convrot.safetensors"),
-     ("ZImageTransformerLoader", "z_image_turbo_mxfp8.safetensors"),
-     ("ZImageTransformerLoader", "z_image_turbo_nvfp4.safetensors"),
+    [("ZImageTransformerLoader", "z_image_turbo-Q8_0.gguf"),  # GGUF: listed through the host's folder_paths
+     pytest.param("ZImageTransformerLoader", "z_image_turbo_int8_convrot.safetensors", marks=pytest.mark.hosts(NEWEST)),
+     pytest.param("ZImageTransformerLoader", "z_image_turbo_mxfp8.safetensors", marks=pytest.mark.hosts(NEWEST)),
+     pytest.param("ZImageTransformerLoader", "z_image_turbo_nvfp4.safetensors", marks=pytest.mark.hosts(NEWEST)),
      ("ZImageTextEncoderLoader", "Qwen3-4B-Q8_0.gguf"),
-     ("ZImageTextEncoderLoader", "qwen_3_4b_fp8_mixed.safetensors"),
-     ("ZImageTextEncoderLoader", "qwen_3_4b_fp4_mixed.safetensors")],
-)  # fmt: skip
+     pytest.param("ZImageTextEncoderLoader", "qwen_3_4b_fp8_mixed.safetensors", marks=pytest.mark.hosts(NEWEST)),
+     pytest.param("ZImageTextEncoderLoader", "qwen_3_4b_fp4_mixed.safetensors", marks=pytest.mark.hosts(NEWEST))],
+)  # fmt: skip (the safetensors formats are read by our code alone; inside each host by test_server_native)
 def test_quantized_files_are_listed_and_generate_through_our_loaders(server, client, models, quantized, loader, name):
     """GGUF files are listed from the model folders (as ComfyUI-GGUF lists them) and, like ComfyUI's quantized
     safetensors, make the image our pipeline makes from the same file."""
@@ -437,7 +439,9 @@ def lora_graph(transformer: str, lora: str, strength: float) -> dict:
     return graph
 
 
-@pytest.mark.parametrize("transformer", ["z_image_turbo_bf16.safetensors", "z_image_turbo-Q8_0.gguf"])
+@pytest.mark.parametrize(
+    "transformer", ["z_image_turbo_bf16.safetensors", pytest.param("z_image_turbo-Q8_0.gguf", marks=pytest.mark.hosts(NEWEST))]
+)
 def test_our_lora_loader_stacks_with_the_native_one_and_makes_our_pipelines_image(
     server, client, models, quantized, transformer
 ):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from comfyui import REPORT, node_of, saved, small, workflow
+from comfyui import NEWEST, REPORT, node_of, saved, small, workflow
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -153,7 +153,7 @@ def plus(graph: dict, nodes: dict, node: str | None = None, **links) -> dict:
     return edit(graph, node, **links) if node else graph
 
 
-SOLID_128 = {"30": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 128}}}
+SOLID_96 = {"30": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 96, "height": 96}}}
 MASK_BATCH_2 = {
     "31": {"class_type": "RepeatImageBatch", "inputs": {"image": ["10", 0], "amount": 2}},
     "32": {"class_type": "ImageToMask", "inputs": {"image": ["31", 0], "channel": "red"}},
@@ -299,15 +299,15 @@ CASES = {
     ),
     # masks
     "mask of another size": (
-        lambda: plus(base("inpaint"), SOLID_128, "5", mask=["30", 0]),
-        fails("ZImageSampler", "mask is 128x128", "256x256"),
+        lambda: plus(base("inpaint"), SOLID_96, "5", mask=["30", 0]),
+        fails("ZImageSampler", "mask is 96x96", "128x128"),
     ),
     "mask of another batch": (
         lambda: plus(base("inpaint"), MASK_BATCH_2, "5", mask=["32", 0]),
-        fails("ZImageSampler", "mask has shape (2, 256, 256)"),
+        fails("ZImageSampler", "mask has shape (2, 128, 128)"),
     ),
     "mask without a latent": (
-        lambda: plus(base(), SOLID_128, "5", mask=["30", 0]),
+        lambda: plus(base(), SOLID_96, "5", mask=["30", 0]),
         fails("ZImageSampler", "mask needs the latent"),
     ),
     # prompts: all legitimate, all must run
@@ -412,6 +412,7 @@ def image_of(server, result: Outcome) -> np.ndarray:
     return image
 
 
+@pytest.mark.hosts(NEWEST, "0.3.64")  # the newest and the oldest way of reporting errors
 def test_every_bad_input_gets_a_clear_error_and_the_server_goes_on(server, client, bad_files):
     """At least 40 cases; after each, the server answers and a valid prompt gives the image it gave before."""
     references = {seed: image_of(server, outcome(client, edit(base(), "5", seed=seed))) for seed in (101, 102)}
@@ -471,7 +472,7 @@ def mutate(graph: dict, rng: random.Random) -> tuple[dict, str]:
     return graph, "; ".join(done)
 
 
-@pytest.mark.hosts("0.33.0")  # one host, the newest
+@pytest.mark.hosts(NEWEST)  # one host, the newest
 def test_a_seeded_fuzz_of_300_prompts_never_kills_hangs_or_garbles(server, client, bad_files):
     rng = random.Random(20261202)
     bases = [base("t2i"), base("inpaint"), base("native"), base("edit")]
@@ -511,6 +512,7 @@ def executed(client: Client, graph: dict, timeout: float = 300) -> tuple[dict, s
     return entry, {n for m in events if m["type"] == "execution_cached" for n in m["data"]["nodes"]}
 
 
+@pytest.mark.hosts(NEWEST)  # our nodes' memory over a long queue, measured on one host
 def test_a_soak_of_150_prompts_leaks_neither_memory_nor_files(server, client, bad_files):
     rng = random.Random(5)
     sizes = [(64, 64), (96, 64), (64, 112), (112, 112), (80, 96)]
@@ -548,15 +550,19 @@ def test_a_soak_of_150_prompts_leaks_neither_memory_nor_files(server, client, ba
     )
     # Idle RSS moves by a few percent either way as the allocator keeps or returns freed memory; leaked memory can
     # never be returned, so a leak shows as a rising floor: the lowest of the first readings against the last ones.
+    # The allocator also steps up once in a while and stays (CI: +3.1% between two batches, then +0.06% over nine);
+    # a leak grows with every prompt, so the floor must also hold still from the middle readings to the last ones.
     rss = [r for r, _ in idle]
-    before, after = min(rss[:4]), min(rss[-4:])
-    growth = (after - before) / before
-    assert growth <= 0.03, f"idle RSS floor grew {growth:.1%} ({before / 1e6:.0f} -> {after / 1e6:.0f} MB): {rss}"
+    before, middle, after = min(rss[:4]), min(rss[4:8]), min(rss[-4:])
+    growth, late = (after - before) / before, (after - middle) / middle
+    readings = f"({before / 1e6:.0f} -> {middle / 1e6:.0f} -> {after / 1e6:.0f} MB): {rss}"
+    assert growth <= 0.05 and late <= 0.015, f"idle RSS floor grew {growth:.1%}, {late:.1%} of it late {readings}"
     files0, files1 = idle[0][1], idle[-1][1]
     assert files1 <= files0 + 2, f"open files {files0} -> {files1}"
     REPORT.setdefault(server.version, {})["soak"] = (
         f"{ran + 2} prompts ({len(warm) - 1} warm-up batches), idle RSS floor after warm-up {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB "
-        f"({growth:+.2%}; readings {min(rss) / 1e6:.0f}-{max(rss) / 1e6:.0f} MB), open files {files0} -> {files1}")  # fmt: skip
+        f"({growth:+.2%}, {late:+.2%} from the middle readings; readings {min(rss) / 1e6:.0f}-{max(rss) / 1e6:.0f} MB), "
+        f"open files {files0} -> {files1}")  # fmt: skip
 
 
 # ---- interrupts ----
@@ -573,6 +579,7 @@ def running(client: Client, prompt_id: str, node: str) -> bool:
         return any(m["type"] == "executing" and m["data"].get("node") == node for m in client.events.get(prompt_id, []))
 
 
+@pytest.mark.hosts(NEWEST)  # every host: test_server.py's interrupt within one evaluation
 def test_interrupts_at_every_step_and_during_decode_leave_the_server_and_its_cache_intact(server, client, bad_files):
     references = {seed: image_of(server, outcome(client, edit(base(), "5", seed=seed))) for seed in (101, 102)}
     steps, tried = 6, []

@@ -254,6 +254,7 @@ def test_every_layout_gives_the_reference_embeddings(small_ref, small_layouts, l
     assert encoder.info.tokenizer.endswith("tokenizer") == (layout == "diffusers pipeline folder")
 
 
+@pytest.mark.heavy
 def test_real_width_slice_equals_diffusers(tmp_path):
     """Qwen3-4B's real widths (hidden 2560, 32 query / 8 kv heads, FFN 9728, full vocabulary), 3 layers."""
     ref = reference_qwen3(dict(QWEN3_REAL, num_hidden_layers=3), seed=2)

@@ -66,6 +66,7 @@ def test_odd_latent_sizes_are_padded_as_comfyuis_nextdit_pads_them(tiny):
     assert rel_err(got, ours(whole, t, padded)[..., :9, :7]) <= 1e-6
 
 
+@pytest.mark.heavy
 def test_real_width_slice(tmp_path):
     """dim 3840, 30 heads, FFN 10240, caption width 2560, real RoPE; 2 layers and 1 refiner of each kind."""
     ref = reference_transformer(SLICE, seed=2)

@@ -92,6 +92,7 @@ def test_diffusers_tiny_test_vae(tiny_ref, tiny_layouts):
     assert_matches_diffusers(vae, tiny_ref, 32, 48)
 
 
+@pytest.mark.heavy
 def test_real_channel_widths_at_a_small_size(tmp_path):
     ref = reference_vae(VAE_REAL, seed=1)
     vae = load_vae(write_file(tmp_path / "ae.safetensors", to_bfl(ref.state_dict())))
@@ -142,6 +143,7 @@ def factor8():
     return randomize_(VAE(VAEConfig(block_out_channels=(32, 32, 64, 64))), 3).eval()
 
 
+@pytest.mark.heavy
 def test_banded_decode_of_a_1024_image_equals_the_whole_decode(factor8):
     z = latents(1, 128, 128, seed=4)
     whole_raw = factor8.decoder(z)

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from . import limits
 from .attention import BACKENDS
-from .gemm import MODES as GEMM_MODES
 from .checkpoint import CheckpointError
 from .controlnet import ControlRequest
+from .gemm import MODES as GEMM_MODES
 from .loaders import LOADERS, components
 from .pipeline import TINY_RANDOM, find_models
 from .pipeline import generate as pipeline_generate
