@@ -219,11 +219,12 @@ class Client:
             return False
         return not self.call(f"/history/{prompt_id}")
 
-    def upload(self, path: Path) -> str:
-        """Send an image to the server's input folder (`/upload/image`); returns the name LoadImage knows it by."""
-        boundary = uuid.uuid4().hex
+    def upload(self, path: Path, data: bytes | None = None) -> str:
+        """Send an image (the file, or `data` under its name) to the server's input folder (`/upload/image`);
+        returns the name LoadImage knows it by."""
+        boundary, data = uuid.uuid4().hex, path.read_bytes() if data is None else data
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + (
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + (
                 f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
                 f"--{boundary}--\r\n").encode()  # fmt: skip
         answer = self.call("/upload/image", raw_body=(body, f"multipart/form-data; boundary={boundary}"))
@@ -300,8 +301,9 @@ def job_prompt(workflow: dict, sets, prompt=None, prompt_field=None, seed=None, 
     return graph
 
 
-def run_job(client: Client, index: int, graph: dict, out: Path, log, lock, quiet: bool) -> bool:
-    record = {"job": index, "prompt_id": None, "prompt": None, "seed": None, "size": None}
+def describe(graph: dict) -> dict:
+    """What a job log says of a prompt before it runs: its text, seed and size, as the graph holds them."""
+    record = {"prompt": None, "seed": None, "size": None}
     for node in graph.values():
         inputs = node["inputs"]
         if node["class_type"] in TEXT_NODES and record["prompt"] is None:
@@ -309,71 +311,107 @@ def run_job(client: Client, index: int, graph: dict, out: Path, log, lock, quiet
         record["seed"] = next((inputs[k] for k in SEED_INPUTS if isinstance(inputs.get(k), int)), record["seed"])
         if {"width", "height"} <= inputs.keys():
             record["size"] = [inputs["width"], inputs["height"]]
+    return record
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write under a temporary name, then rename: a reader (or a retried job) never sees half a file."""
+    part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    part.write_bytes(data)
+    os.replace(part, path)
+
+
+def execute(client: Client, graph: dict, name, on_event=None) -> dict:
+    """Queue one prompt, follow it to its end and save its output images as `name(node, index, ref)` (a Path);
+    returns the job's log record (prompt id, prompt, seed, size, seconds, outputs, error)."""
+    record = {"prompt_id": None, **describe(graph)}
     start = time.monotonic()
     files, error = [], None
     try:
         record["prompt_id"] = client.queue(graph)
-
-        def show(message):
-            if not quiet and message["type"] == "progress":
-                data = message["data"]
-                print(f"job {index}: node {data['node']} {data['value']}/{data['max']}", file=sys.stderr)
-
-        entry = client.wait(record["prompt_id"], on_event=show)
+        entry = client.wait(record["prompt_id"], on_event=on_event)
         error = failure(entry)
         for node, output in entry.get("outputs", {}).items():
-            for ref in output.get("images", []):
-                if ref.get("type") != "output":
-                    continue
-                path = out / f"{index:05d}_{node}_{Path(ref['filename']).name}"
-                data = client.image(ref)
-                path.write_bytes(data)
+            refs = [ref for ref in output.get("images", []) if ref.get("type") == "output"]
+            for index, ref in enumerate(refs):
+                path, data = name(node, index, ref), client.image(ref)
+                write_atomic(path, data)
                 files.append(str(path))
                 if data[12:16] == b"IHDR":  # a PNG: the size it came out at (img2img: the input's)
                     record["size"] = list(struct.unpack(">II", data[16:24]))
     except (ServerError, ConnectionError, TimeoutError) as e:
         error = {"type": type(e).__name__, "message": str(e), **getattr(e, "details", {})}
-    record.update(seconds=round(time.monotonic() - start, 3), outputs=files, error=error)
+    return record | {"seconds": round(time.monotonic() - start, 3), "outputs": files, "error": error}
+
+
+def run_job(client: Client, index: int, graph: dict, out: Path, log, lock, quiet: bool) -> bool:
+    def show(message):
+        if not quiet and message["type"] == "progress":
+            data = message["data"]
+            print(f"job {index}: node {data['node']} {data['value']}/{data['max']}", file=sys.stderr)
+
+    name = lambda node, _, ref: out / f"{index:05d}_{node}_{Path(ref['filename']).name}"
+    record = {"job": index} | execute(client, graph, name, show)
     with lock:
         log.write(json.dumps(record, ensure_ascii=False) + "\n")
         log.flush()
-        if error:
-            print(f"job {index} failed: {json.dumps(error, ensure_ascii=False)}", file=sys.stderr)
+        if record["error"]:
+            print(f"job {index} failed: {json.dumps(record['error'], ensure_ascii=False)}", file=sys.stderr)
         elif not quiet:
-            print(f"job {index} done in {record['seconds']} s: {', '.join(files)}", file=sys.stderr)
-    return error is None
+            print(f"job {index} done in {record['seconds']} s: {', '.join(record['outputs'])}", file=sys.stderr)
+    return record["error"] is None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m zimage_core.client", description=__doc__.split("\n\n")[0])
+def add_job_options(p: argparse.ArgumentParser):
+    """The options that make jobs of a workflow: shared by the direct client and `--queue ... submit`."""
     p.add_argument("workflow", type=Path, help="an API-format workflow (workflows/api/*.json)")
-    p.add_argument("--server", default="127.0.0.1:8188", help="host:port or URL of the ComfyUI server")
-    p.add_argument("--token", default=os.environ.get("COMFYUI_TOKEN"),
-                   help="bearer token for a server behind an authenticating proxy (default: $COMFYUI_TOKEN)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input")
-    p.add_argument("--upload", action="append", default=[], metavar="NODE.INPUT=IMAGE",
-                   help="upload IMAGE to the server's input folder and set the input (a LoadImage's image) to it")  # fmt: skip
     p.add_argument("--prompts", type=Path, help="a text file: one job per non-empty line, its prompt")
     p.add_argument("--prompt-field", metavar="NODE.INPUT", help="where --prompts go (default: the prompt node)")
     p.add_argument("--seed", type=int, help="seed of the first job; job i gets seed + i")
     p.add_argument("--size", help="WxH for every node with width and height inputs")
+
+
+def jobs_of(args) -> list[dict]:
+    """One graph per job from `add_job_options`' arguments; OSError or ValueError naming the problem."""
+    workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
+    if not isinstance(workflow, dict) or "nodes" in workflow:
+        raise ValueError(f"{args.workflow}: not an API-format workflow (UI files are workflows/*.json)")
+    sets = [parse_set(s) for s in args.set]
+    field = tuple(args.prompt_field.split(".", 1)) if args.prompt_field else None
+    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+    lines = [None]
+    if args.prompts:
+        lines = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [job_prompt(workflow, sets, text, field, None if args.seed is None else args.seed + i, size)
+            for i, text in enumerate(lines)]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--queue")
+    known, rest = pre.parse_known_args(argv)
+    if known.queue:  # the jobs go through Redis to workers, one per server (zimage_core/redis_queue.py)
+        from .redis_queue import main as queue_main
+
+        return queue_main(known.queue, rest)
+    p = argparse.ArgumentParser(prog="python -m zimage_core.client", description=__doc__.split("\n\n")[0],
+                                epilog="--queue redis://HOST:PORT/DB {submit,worker,status} ...: one queue in front of "
+                                       "several servers (--queue URL --help)")  # fmt: skip
+    add_job_options(p)
+    p.add_argument("--server", default="127.0.0.1:8188", help="host:port or URL of the ComfyUI server")
+    p.add_argument("--token", default=os.environ.get("COMFYUI_TOKEN"),
+                   help="bearer token for a server behind an authenticating proxy (default: $COMFYUI_TOKEN)")  # fmt: skip
+    p.add_argument("--upload", action="append", default=[], metavar="NODE.INPUT=IMAGE",
+                   help="upload IMAGE to the server's input folder and set the input (a LoadImage's image) to it")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=1, help="most prompts in flight at once (default 1)")
     p.add_argument("--retries", type=int, default=5, help="retries of a request on connection errors")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for images and jobs.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     try:
-        workflow = json.loads(args.workflow.read_text(encoding="utf-8"))
-        if not isinstance(workflow, dict) or "nodes" in workflow:
-            raise ValueError(f"{args.workflow}: not an API-format workflow (UI files are workflows/*.json)")
-        sets = [parse_set(s) for s in args.set]
-        field = tuple(args.prompt_field.split(".", 1)) if args.prompt_field else None
-        size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
-        lines = [None]
-        if args.prompts:
-            lines = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
-        jobs = [job_prompt(workflow, sets, text, field, None if args.seed is None else args.seed + i, size)
-                for i, text in enumerate(lines)]  # fmt: skip
+        jobs = jobs_of(args)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
