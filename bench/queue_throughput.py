@@ -41,8 +41,8 @@ def main() -> int:
     from queue_harness import redis_server, start_worker
     from workflow_api import shipped
 
-    from zimage_core.client import main as client_main
-    from zimage_core.redis_queue import status
+    from zimage_core.client.__main__ import main as client_main
+    from zimage_core.client.redis_queue import status
 
     api = next(api for ui, api in shipped() if ui.stem == "zimage_turbo_text_to_image")
     sampler = node_of(json.loads(api.read_text()), "ZImageSampler")

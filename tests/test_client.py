@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from zimage_core.client import Client, ServerError, job_prompt, parse_set, run_job
-from zimage_core.client import main as client_main
+from zimage_core.client.__main__ import main as client_main
 
 ROOT = Path(__file__).parents[1]
 WORKFLOW = json.loads((ROOT / "workflows/api/zimage_base_text_to_image.json").read_text())

@@ -15,7 +15,7 @@ from comfyui import NEWEST, NoHost, Server, host, in_ci, node_of
 from queue_harness import REDIS, redis_server, start_worker, stop_worker
 from workflow_api import shipped
 
-from zimage_core.client import main as client_main
+from zimage_core.client.__main__ import main as client_main
 
 pytestmark = [pytest.mark.server, pytest.mark.xdist_group("redis queue")]  # one pair of servers for the module
 API = next(api for ui, api in shipped() if ui.stem == "zimage_turbo_text_to_image")
@@ -70,7 +70,7 @@ def submit(url: str, tmp_path: Path, capsys, n: int, seed: int, *options: str) -
 
 
 def report(url: str) -> dict:
-    from zimage_core.redis_queue import status
+    from zimage_core.client.redis_queue import status
 
     return status(url, 1000)
 

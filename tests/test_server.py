@@ -18,7 +18,7 @@ from PIL import Image
 from workflow_api import recorded_object_info, shipped, to_api, widget_names
 
 from zimage_core.client import ServerError, failure, job_prompt
-from zimage_core.client import main as client_main
+from zimage_core.client.__main__ import main as client_main
 from zimage_core.controlnet import ControlRequest
 from zimage_core.pipeline import Models, generate
 

@@ -16,7 +16,7 @@ from comfyui import node_of, small, workflow
 from workflow_api import shipped
 
 from zimage_core.client import ServerError, failure
-from zimage_core.client import main as client_main
+from zimage_core.client.__main__ import main as client_main
 
 VANISHED = "no longer queued, running or in the server's history"
 API = next(api for ui, api in shipped() if ui.stem == "zimage_turbo_text_to_image")

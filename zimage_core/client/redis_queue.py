@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .client import Client, add_job_options, execute, job_prompt, jobs_of, parse_set
+from . import Client, add_job_options, execute, job_prompt, jobs_of, parse_set
 
 QUEUE = "zimage"
 BEAT = 5  # seconds between a busy worker's heartbeats
