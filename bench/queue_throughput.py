@@ -32,7 +32,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="torch threads per server (default: half the cores, so two servers never oversubscribe)")  # fmt: skip
+                   help="torch threads per server (default: half the cores, never oversubscribed)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "queue_throughput.json")
     args = p.parse_args()
 
@@ -89,9 +89,10 @@ def main() -> int:
         finally:
             for server in servers:
                 server.stop()
-    result = {"jobs": args.jobs, "in_flight": args.in_flight, "threads_per_server": args.threads, "size": args.size, "steps": args.steps,
-              "jobs_per_minute": {k: round(v, 1) for k, v in rows.items()},
-              "per_server": per_server, "seconds": lags, "scaling_2_vs_1": round(rows["queue, 2 servers"] / rows["queue, 1 server"], 2),
+    result = {"jobs": args.jobs, "in_flight": args.in_flight, "threads_per_server": args.threads, "size": args.size,
+              "steps": args.steps, "jobs_per_minute": {k: round(v, 1) for k, v in rows.items()},
+              "per_server": per_server, "seconds": lags,
+              "scaling_2_vs_1": round(rows["queue, 2 servers"] / rows["queue, 1 server"], 2),
               "queue_vs_plain_client": round(rows["queue, 1 server"] / rows["plain client, 1 server"], 2)}  # fmt: skip
     print("| run | jobs per minute |\n|---|---|")
     for name, value in rows.items():

@@ -164,8 +164,10 @@ def test_other(i):
     pass
 """)
     base = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
-                           f"--basetemp={base}", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, check=False)  # fmt: skip
+    args = ["-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider", f"--basetemp={base}", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *args], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     workers = {host: {(base / f"{host}-{i}").read_text() for i in range(4)} for host in ("0.33.0", "0.8.0")}
     assert all(len(names) == 1 for names in workers.values()), workers

@@ -1,6 +1,6 @@
-"""The client's queue on Redis (zimage_core/client/redis_queue.py), judged by what the servers and the output folder hold: a
-real redis-server, two real ComfyUI servers (the newest host) with the pack and the tiny random-weight models, and
-workers as separate processes sharing one output folder, as on a shared drive."""
+"""The client's queue on Redis (zimage_core/client/redis_queue.py), judged by what the servers and the output folder
+hold: a real redis-server, two real ComfyUI servers (the newest host) with the pack and the tiny random-weight
+models, and workers as separate processes sharing one output folder, as on a shared drive."""
 
 from __future__ import annotations
 

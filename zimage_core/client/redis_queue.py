@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import signal
 import socket
 import sys
@@ -89,9 +90,9 @@ def submit(url: str, jobs: list[dict], retries: int, timeout: int, uploads: list
     queue, stamp = Queue(QUEUE, connection=connect(url)), time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
     ids = []
     for i, graph in enumerate(jobs):
-        job = queue.enqueue(perform, graph, list(uploads), job_id=f"{stamp}-{i:05d}", retry=Retry(max=retries) if retries else None,
-                            job_timeout=timeout, result_ttl=7 * 86400, failure_ttl=7 * 86400, meta={"log": []},
-                            description=f"job {i}")  # fmt: skip
+        job = queue.enqueue(perform, graph, list(uploads), job_id=f"{stamp}-{i:05d}",
+                            retry=Retry(max=retries) if retries else None, job_timeout=timeout, meta={"log": []},
+                            result_ttl=7 * 86400, failure_ttl=7 * 86400, description=f"job {i}")  # fmt: skip
         ids.append(job.id)
     return ids
 
@@ -111,11 +112,13 @@ def worker_class():
         def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
             """Waits in slices of `timeout`, so that a stop asked from the main thread ends an idle worker within
             seconds (RQ's own wait ends only by a signal in the thread it runs in); None ends the work loop."""
-            while timeout is not None and not self._stop_requested:
+            if timeout is None:  # --burst: one look at the queue
+                return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+            while not self._stop_requested:
                 job = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=timeout)
                 if job is not None:
                     return job
-            return None if self._stop_requested else super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            return None
 
         def subscribe(self):
             """RQ's command channel (shutdown, stop a job), read in 1 s waits instead of RQ's 60 s: closing it at
@@ -163,7 +166,8 @@ def work(url: str, server: str, in_flight: int, out: Path, token: str | None, bu
         connection = Redis.from_url(url)
         name = f"{host}#{i}@{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         workers.append(worker_class()([Queue(QUEUE, connection=connection)], connection=connection, name=name,
-                                      worker_ttl=20, maintenance_interval=BEAT, job_monitoring_interval=BEAT))  # fmt: skip
+                                      worker_ttl=BEAT + 15,  # RQ waits for a job in slices of worker_ttl - 15 s
+                                      maintenance_interval=BEAT, job_monitoring_interval=BEAT))  # fmt: skip
 
     def run(worker):
         client = Client(server, token)
@@ -218,10 +222,10 @@ def status(url: str, limit: int) -> dict:
                     span["first"] = min(span["first"], record["ended"] - record["seconds"])
                     span["last"] = max(span["last"], record["ended"])
         jobs[state] = rows[max(len(rows) - limit, 0) :]
-    throughput = {server: {"jobs": s["jobs"], "per_minute": round(60 * s["jobs"] / max(s["last"] - s["first"], 1e-3), 2)}
-                  for server, s in servers.items()}  # fmt: skip
-    workers = [{"name": w.name, "state": getattr(w.get_state(), "value", w.get_state()), "job": w.get_current_job_id()}
-               for w in Worker.all(queue=queue)]  # fmt: skip
+    per_minute = lambda s: round(60 * s["jobs"] / max(s["last"] - s["first"], 1e-3), 2)
+    throughput = {server: {"jobs": s["jobs"], "per_minute": per_minute(s)} for server, s in servers.items()}
+    state = lambda w: getattr(w.get_state(), "value", w.get_state())  # a WorkerStatus, or a plain string
+    workers = [{"name": w.name, "state": state(w), "job": w.get_current_job_id()} for w in Worker.all(queue=queue)]
     return {"depth": len(registries["queued"]), "counts": {k: len(v) for k, v in registries.items()},
             "jobs": jobs, "servers": throughput, "workers": workers}  # fmt: skip
 
@@ -254,7 +258,8 @@ def main(url: str, argv: list[str]) -> int:
     w.add_argument("--server", required=True, help="host:port or URL of this worker's ComfyUI server")
     w.add_argument("--in-flight", type=int, default=1, help="most prompts on the server at once (default 1)")
     w.add_argument("--out", type=Path, default=Path("outputs"), help="folder for images and jobs.jsonl")
-    w.add_argument("--token", help="bearer token for a server behind an authenticating proxy")
+    w.add_argument("--token", default=os.environ.get("COMFYUI_TOKEN"),
+                   help="bearer token for a server behind an authenticating proxy (default: $COMFYUI_TOKEN)")  # fmt: skip
     w.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     t = commands.add_parser("status", help="jobs, their logs, the queue's depth and each server's throughput")
     t.add_argument("--json", action="store_true", help="one JSON object")
@@ -280,5 +285,8 @@ def main(url: str, argv: list[str]) -> int:
             return 2
         return work(url, args.server, args.in_flight, args.out, args.token, args.burst)
     report = status(url, args.jobs)
-    print(json.dumps(report, ensure_ascii=False)) if args.json else print_status(report)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print_status(report)
     return 0
