@@ -35,9 +35,11 @@ def pytest_itemcollected(item):
     once); here, before any `pytest_collection_modifyitems`, since xdist's reads the groups there."""
     if "server" in getattr(item, "fixturenames", ()):
         item.add_marker(pytest.mark.server)
-    version = getattr(item, "callspec", None) and item.callspec.params.get("server")
-    if version:
-        item.add_marker(pytest.mark.xdist_group(f"ComfyUI {version}"))
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    if params.get("server"):
+        item.add_marker(pytest.mark.xdist_group(f"ComfyUI {params['server']}"))
+    elif params.get("browser_host"):  # tests/test_browser.py: its own server and page per host
+        item.add_marker(pytest.mark.xdist_group(f"browser {params['browser_host']}"))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the items by host

@@ -251,8 +251,12 @@ def test_inputs_that_do_not_fit_are_refused_clearly(components):
     v1 = load_controlnet(files["1.0"], dtype=torch.float32)
     with pytest.raises(ValueError, match=r"\(1.0\) cannot inpaint: use a 2.0 or 2.1"):
         control_context(vae, v1.layout, image=images(1), inpaint=images(2), mask=torch.ones(1, 32, 32))
+    v21 = load_controlnet(files["2.1"]).layout
     with pytest.raises(ValueError, match="give them one size"):
-        control_context(vae, load_controlnet(files["2.1"]).layout, image=images(1), inpaint=images(2, size=48))
+        control_context(vae, v21, image=images(1), inpaint=images(2, size=48))
+    keep_all = control_context(vae, v21, inpaint=images(2), mask=torch.zeros(1, 32, 32))
+    loaded_without_alpha = control_context(vae, v21, inpaint=images(2), mask=torch.zeros(1, 64, 64))  # resized
+    assert (loaded_without_alpha - keep_all).abs().max() <= 1e-6
     wrong_size = Control(v1, control_context(vae, v1.layout, image=images(1, size=48)))
     with pytest.raises(ValueError, match="resize the control image"):
         sample(transformer, noise((16, 16, 16), [0]), encoder.encode(["a"]), schedule=sigmas(2), control=wrong_size)

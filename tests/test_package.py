@@ -137,7 +137,8 @@ def test_workflows_ship_where_comfyui_lists_templates():
 def test_each_host_group_runs_on_one_worker(tmp_path):
     """CI's time rests on `-n 2 --dist loadgroup` keeping each host's server tests on one worker (tests/conftest.py
     groups them): with pytest 9.2 and pytest-xdist 3.8 the groups were silently ignored and every worker started
-    every host. The same hooks on a stand-in `server` fixture, run under xdist: each host's tests on one worker."""
+    every host. The same hooks on stand-in `server` and `browser_host` fixtures, run under xdist: each host's tests
+    on one worker, and each host's browser tests on one worker."""
     (tmp_path / "conftest.py").write_text(f"""
 import importlib.util, sys
 import pytest
@@ -151,6 +152,10 @@ pytest_itemcollected, pytest_collection_modifyitems = suite.pytest_itemcollected
 @pytest.fixture(scope="session", params=["0.33.0", "0.8.0"])
 def server(request):
     return request.param
+
+@pytest.fixture(scope="module", params=["0.8.0"])
+def browser_host(request):
+    return "browser " + request.param
 """)
     (tmp_path / "test_groups.py").write_text("""
 import os, pytest
@@ -158,6 +163,10 @@ import os, pytest
 @pytest.mark.parametrize("i", range(4))
 def test_host(server, i, tmp_path_factory):
     (tmp_path_factory.getbasetemp().parent / f"{server}-{i}").write_text(os.environ["PYTEST_XDIST_WORKER"])
+
+@pytest.mark.parametrize("i", range(4))
+def test_in_a_browser(browser_host, i, tmp_path_factory):
+    (tmp_path_factory.getbasetemp().parent / f"{browser_host}-{i}").write_text(os.environ["PYTEST_XDIST_WORKER"])
 
 @pytest.mark.parametrize("i", range(4))
 def test_other(i):
@@ -169,5 +178,6 @@ def test_other(i):
         [sys.executable, "-m", "pytest", *args], cwd=tmp_path, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:]
-    workers = {host: {(base / f"{host}-{i}").read_text() for i in range(4)} for host in ("0.33.0", "0.8.0")}
+    groups = ("0.33.0", "0.8.0", "browser 0.8.0")
+    workers = {group: {(base / f"{group}-{i}").read_text() for i in range(4)} for group in groups}
     assert all(len(names) == 1 for names in workers.values()), workers

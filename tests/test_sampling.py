@@ -8,6 +8,7 @@ from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_de
 from helpers import QWEN3_TINY, REAL, VAE_TINY, reference_qwen3, reference_transformer, reference_vae
 from transformers import AutoTokenizer
 
+from zimage_core import limits
 from zimage_core.loaders import load_text_encoder, load_transformer, load_vae
 from zimage_core.pipeline import find_models, generate
 from zimage_core.sampling import encode_with_noise, noise, noised, sample, sigmas, start_index, vary
@@ -120,6 +121,18 @@ def test_img2img_and_inpaint_equal_diffusers_pipelines(components, kind, strengt
     latents = sample(transformer, noised(clean, start, schedule[0]), cond, uncond, schedule, 2.0, inpaint=inpaint)
     assert (latents - expected).abs().max() <= 1e-4
     assert (vae.decode(vae.cfg.denormalize(latents)) - expected_image).abs().max() <= 2 / 255
+
+
+def test_a_mask_of_another_size_is_resized_to_the_image():
+    """As ComfyUI's samplers resize masks: LoadImage's 64 x 64 empty mask (an image without alpha) keeps everything."""
+    empty = limits.mask(torch.zeros(1, 64, 64), 2, 16, 16, 8)
+    assert empty.shape == (1, 128, 128) and not empty.any()
+    right = torch.zeros(1, 96, 96)
+    right[..., 48:] = 1
+    resized = limits.mask(right, 2, 16, 24, 8)
+    assert resized.shape == (1, 128, 192) and resized[..., 96:].all() and not resized[..., :96].any()
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 96, 96\)"):
+        limits.mask(right.expand(3, -1, -1), 2, 16, 16, 8)
 
 
 def test_strength_that_leaves_no_step_is_refused():

@@ -9,6 +9,7 @@ import json
 import shutil
 import struct
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -299,6 +300,10 @@ def test_the_template_browser_lists_and_serves_the_ui_workflows(server):
     assert sorted(listed[PACK]) == sorted(ui.stem for ui, _ in shipped())
     for ui, _ in shipped():
         assert server.get(f"/api/workflow_templates/{PACK}/{ui.name}") == json.loads(ui.read_text())
+        thumbnail = f"{server.url}/api/workflow_templates/{PACK}/{ui.stem}.jpg"  # where the cards look for it
+        with urllib.request.urlopen(thumbnail, timeout=30) as response:
+            assert response.headers["Content-Type"] == "image/jpeg"
+            assert response.read() == ui.with_suffix(".jpg").read_bytes()
 
 
 def ancestors(graph: dict, output: str) -> dict:

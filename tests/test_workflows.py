@@ -1,9 +1,11 @@
 """The shipped workflows: UI files are the source, API files their conversion, released model names throughout."""
 
 import json
+import uuid
 
 import pytest
 from comfyui import MODEL_FILES
+from PIL import Image
 from workflow_api import UI_ONLY, recorded_object_info, shipped, to_api
 
 UIS = [ui for ui, _ in shipped()]
@@ -17,6 +19,14 @@ def test_every_kind_of_workflow_ships_in_both_formats():
         "zimage_turbo_controlnet_inpaint", "zimage_base_controlnet",
     }  # fmt: skip
     assert {api.stem for api in (UIS[0].parent / "api").glob("*.json")} == names
+    # the template browser's cards: NAME.jpg beside NAME.json (tests/test_browser.py draws them), kept small
+    for ui in UIS:
+        with Image.open(ui.with_suffix(".jpg")) as thumbnail:
+            assert thumbnail.format == "JPEG" and thumbnail.width <= 480
+        assert ui.with_suffix(".jpg").stat().st_size <= 40_000
+    # the frontend's schema wants each workflow's id to be a UUID (1.27 and 1.35 warn on load otherwise)
+    ids = [json.loads(ui.read_text())["id"] for ui in UIS]
+    assert all(str(uuid.UUID(i)) == i for i in ids) and len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize("ui", UIS, ids=lambda p: p.stem)

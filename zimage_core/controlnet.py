@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import limits
 from .checkpoint import CheckpointError, ModelInfo, describe, fill, looks_like, open_checkpoint
 from .loaders import block_sources
 from .ops import DEFAULT, Ops
@@ -194,8 +195,8 @@ def control_context(vae, layout: ControlLayout, image=None, inpaint=None, mask=N
     """The control input (B, in_channels, h, w) in normalized latents, as VideoX-Fun's pipeline builds it.
 
     image: the control image (B, H, W, 3) in [0, 1], or None (zero latents); inpaint (2.x): the image to repaint,
-    mask (B or 1, H, W): >= 0.5 repaints; no inpaint image gives zero latents and an all-repaint mask, no mask
-    repaints everything. Images are encoded to their posterior mean, as diffusers' ControlNet pipelines do.
+    mask (B or 1, H, W) at any size (resized, nearest): >= 0.5 repaints; no inpaint image gives zero latents and an
+    all-repaint mask, no mask repaints everything. Images are encoded to their posterior mean, as diffusers' ControlNet pipelines do.
     """
     given = next((x for x in (image, inpaint) if x is not None), None)
     if given is None:
@@ -205,11 +206,12 @@ def control_context(vae, layout: ControlLayout, image=None, inpaint=None, mask=N
     if mask is not None and inpaint is None:
         raise ValueError("a ControlNet inpaint mask needs the image to inpaint: give the inpaint image too")
     size = tuple(given.shape[1:3])
-    for name, hw in (("control image", image), ("inpaint image", inpaint), ("mask", mask)):
-        hw = None if hw is None else tuple(hw.shape[-2:] if name == "mask" else hw.shape[1:3])
-        if hw is not None and hw != size:
-            raise ValueError(f"the {name} is {hw[1]} x {hw[0]}, the other inputs {size[1]} x {size[0]}: "
+    for name, hw in (("control image", image), ("inpaint image", inpaint)):
+        if hw is not None and tuple(hw.shape[1:3]) != size:
+            raise ValueError(f"the {name} is {hw.shape[2]} x {hw.shape[1]}, the other inputs {size[1]} x {size[0]}: "
                              "give them one size")  # fmt: skip
+    if mask is not None and tuple(mask.shape[-2:]) != size:
+        mask = limits.resize_mask(mask.reshape(-1, *mask.shape[-2:]), *size)  # as ComfyUI resizes masks
 
     def encode(pixels):
         return vae.cfg.normalize(vae.encode(pixels))
@@ -255,7 +257,9 @@ class ControlRequest:
             out = F.interpolate(x.movedim(-1, 1).float(), size=(height, width), mode=mode)
             return out.clamp(0, 1).movedim(1, -1)
 
-        mask = None if self.mask is None else scale(self.mask[..., None], "nearest")[..., 0]
+        mask = self.mask
+        if mask is not None:
+            mask = limits.resize_mask(mask.reshape(-1, *mask.shape[-2:]), height, width)
         return scale(self.image, "bicubic"), scale(self.inpaint, "bicubic"), mask
 
 

@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class Range(NamedTuple):
@@ -91,15 +92,20 @@ def latents(name: str, z: torch.Tensor, channels: int):
 
 def mask(m: torch.Tensor, batch: int, height: int, width: int, factor: int) -> torch.Tensor:
     """An inpaint mask (B or 1, H, W) at the image's size (H, W) = (height, width) * factor, or the latent's.
-    ComfyUI's latent noise masks (B, 1, H, W) are taken too."""
+    ComfyUI's latent noise masks (B, 1, H, W) are taken too. A mask of another size is resized to the image's, as
+    ComfyUI's samplers do: LoadImage gives an image without alpha a 64 x 64 empty mask, so an inpaint workflow run
+    before a mask is painted keeps the whole image instead of failing."""
     if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]
     if m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[0] not in (1, batch)):
         raise ValueError(f"mask has shape {tuple(m.shape)}; it must be (H, W), (1, H, W) or ({batch}, H, W)")
-    if tuple(m.shape[-2:]) not in ((height * factor, width * factor), (height, width)):
-        raise ValueError(
-            f"mask is {m.shape[-1]}x{m.shape[-2]} but the image is {width * factor}x{height * factor}: give the mask "
-            "of that image (or resize it to the image's size)"
-        )
     finite("mask", m)
-    return m.reshape(-1, *m.shape[-2:])
+    m = m.reshape(-1, *m.shape[-2:])
+    if tuple(m.shape[-2:]) not in ((height * factor, width * factor), (height, width)):
+        m = resize_mask(m, height * factor, width * factor)
+    return m
+
+
+def resize_mask(m: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A mask (B, H, W) at another size, nearest (it is binarized at 0.5 where it is used)."""
+    return F.interpolate(m[:, None].float(), size=(height, width), mode="nearest")[:, 0]
