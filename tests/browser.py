@@ -19,7 +19,7 @@ from pathlib import Path
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 DRIVERS = ("chromedriver",)
 RUN_BUTTON = "[data-testid=queue-button], button.p-splitbutton-button[aria-label=Run]"
-IMAGE_NODES = ("SaveImage", "PreviewImage")
+IMAGE_NODES_JS = "app.graph.nodes.filter(n => ['SaveImage', 'PreviewImage'].includes(n.type))"
 
 
 class NoBrowser(Exception):
@@ -200,8 +200,9 @@ class Page:
 
     def image_counts(self) -> list[int]:
         """How many loaded images each image node shows."""
-        return self.js(f"""return app.graph.nodes.filter(n => {list(IMAGE_NODES)}.includes(n.type))
-            .map(n => (n.imgs || []).filter(i => i.complete && i.naturalWidth > 0).length)""")
+        return self.js(
+            f"return {IMAGE_NODES_JS}.map(n => (n.imgs || []).filter(i => i.complete && i.naturalWidth > 0).length)"
+        )
 
     def run(self, timeout: float = 300) -> list[str]:
         """Press Run and wait until every image node shows its image; the images' addresses."""
@@ -216,8 +217,7 @@ class Page:
             if problems:
                 raise AssertionError(f"after Run the page shows: {problems}")
             if counts and all(counts):
-                return self.js(f"""return app.graph.nodes.filter(n => {list(IMAGE_NODES)}.includes(n.type))
-                    .flatMap(n => n.imgs.map(i => i.src))""")
+                return self.js(f"return {IMAGE_NODES_JS}.flatMap(n => n.imgs.map(i => i.src))")
             time.sleep(0.5)
         raise TimeoutError(f"no image in the page {timeout:.0f} s after Run (image nodes show {self.image_counts()})")
 

@@ -18,12 +18,11 @@ import comfyui
 import pytest
 from browser import NoBrowser, Page, embedded, find_browser, same_values
 from comfyui import NEWEST, PACK, ROOT
-from workflow_api import UI_ONLY, shipped
+from workflow_api import UI_ONLY, shipped, widget_names
 
 TEMPLATES = {ui.stem: json.loads(ui.read_text()) for ui, _ in shipped()}
 SMALL = {"width": 128, "height": 128, "largest_size": 128, "steps": 2, "seed": 7}  # as a user would type them
 REFRESH = os.environ.get("ZIMAGE_REFRESH_SCREENSHOTS") == "1"
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 pytestmark = pytest.mark.server
 
@@ -45,14 +44,6 @@ def browser_host(request, models, tmp_path_factory):
         page.close()
     finally:
         server.stop()
-
-
-def widget_inputs(info: dict) -> list[str]:
-    """The inputs of a node definition that the page shows as widgets (not sockets)."""
-    inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
-    widget = lambda spec: isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
-    forced = lambda spec: len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("forceInput")
-    return [name for name, spec in inputs.items() if widget(spec) and not forced(spec)]
 
 
 def assert_same_graph(ours: dict, expected: dict, what: str):
@@ -82,7 +73,7 @@ def assert_clean(page: Page, graph: dict, what: str):
     built = page.widgets()
     for node in graph["nodes"]:
         if node["type"] not in UI_ONLY:
-            missing = set(widget_inputs(page.object_info[node["type"]])) - set(built[str(node["id"])])
+            missing = {name for name, _ in widget_names(page.object_info[node["type"]])} - set(built[str(node["id"])])
             assert not missing, f"{what}: {node['type']} {node['id']} shows no widget for {sorted(missing)}"
 
 
