@@ -36,7 +36,7 @@ PACK = "comfyui-zimage"
 MODEL_FILES = {
     "diffusion_models": ["z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors", "z_image_omni_bf16.safetensors"],
     "text_encoders": ["qwen_3_4b.safetensors"],
-    "vae": ["ae.safetensors"],
+    "vae": ["ae.safetensors", "ae_full_width.safetensors"],
     "clip_vision": ["siglip2_so400m_patch16_naflex.safetensors"],
     "loras": ["zimage_lora.safetensors", "pixel_art_style_z_image_turbo.safetensors", "flux_style_lora.safetensors"],
     "model_patches": [
@@ -45,10 +45,13 @@ MODEL_FILES = {
     ],
 }
 SOURCES = {  # which written model each released name gets
-    "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
+    "ae_full_width.safetensors": "vae_full_width", "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
     "vae": "vae", "clip_vision": "siglip", "loras": "lora", "pixel_art_style_z_image_turbo.safetensors": "lora_split",
     "flux_style_lora.safetensors": "lora_flux", "model_patches": "controlnet",
 }  # fmt: skip
+# ComfyUI's own VAELoader builds the Flux VAE at its real widths only, so graphs with native VAE nodes read this file;
+# `ae.safetensors` is the same layout narrowed (helpers.VAE_NARROW), which our loader reads by its shapes.
+FULL_WIDTH_VAE = "ae_full_width.safetensors"
 INPUT_IMAGES = ("example.png", "example_inpaint.png")
 REPORT: dict[str, dict[str, str]] = {}  # version -> what the hardening tests measured, printed at the end
 
@@ -118,11 +121,12 @@ def small_transformer_config() -> dict:
 
 def write_models(folder: Path):
     """Random Z-Image models small enough for CPU, in ComfyUI's single-file layouts: a transformer with the real
-    head size (its config is read from the shapes), a 3-layer Qwen3, and the Flux VAE at its real widths (ComfyUI's
-    own VAE loader only builds that architecture)."""
+    head size (its config is read from the shapes), a 3-layer Qwen3, and the Flux VAE narrowed (`vae`) and at its
+    real widths (`vae_full_width`, for ComfyUI's own VAE loader, which only builds that architecture)."""
     from helpers import (
         QWEN3_SMALL,
         SMALL,
+        VAE_NARROW,
         VAE_REAL,
         randomize_,
         reference_qwen3,
@@ -140,7 +144,8 @@ def write_models(folder: Path):
     save_file(bf16(transformer), folder / "transformer.safetensors")
     te = {"model." + k: v for k, v in reference_qwen3(QWEN3_SMALL).state_dict().items()}
     save_file(bf16(te), folder / "text_encoder.safetensors")
-    save_file(bf16(to_bfl(reference_vae(VAE_REAL).state_dict())), folder / "vae.safetensors")
+    save_file(bf16(to_bfl(reference_vae(VAE_NARROW).state_dict())), folder / "vae.safetensors")
+    save_file(bf16(to_bfl(reference_vae(VAE_REAL).state_dict())), folder / "vae_full_width.safetensors")
     omni = reference_transformer(dict(SMALL, cap_feat_dim=QWEN3_SMALL["hidden_size"], siglip_feat_dim=64), seed=2)
     save_file(bf16(to_comfy(omni.state_dict())), folder / "omni.safetensors")
     siglip = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -247,11 +252,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class Checkout:
+    """A ComfyUI host and the python that runs it (its checkout's `.venv` when it has one, else `COMFYUI_PYTHON`,
+    else this interpreter): for scripts run inside the host, with no server."""
+
+    def __init__(self, host: Path):
+        self.host, self.version = host, version(host)
+        venv = host / ".venv" / "bin" / "python"
+        self.python = str(venv) if venv.exists() else os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+class Server(Checkout):
     """One ComfyUI server on a free port, from `base` (models, input, output, custom_nodes)."""
 
     def __init__(self, host: Path, base: Path, models: Path):
-        self.host, self.base, self.version = host, base, version(host)
+        super().__init__(host)
+        self.base = base
         for sub in ("custom_nodes", "input", "output", "user", "models"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
@@ -261,8 +277,6 @@ class Server:
                 kind = SOURCES.get(name, SOURCES[folder])
                 (base / "models" / folder / name).symlink_to(models / f"{kind}.safetensors")
         write_images(base / "input")
-        venv = host / ".venv" / "bin" / "python"
-        self.python = str(venv) if venv.exists() else os.environ.get("COMFYUI_PYTHON", sys.executable)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = base / "server.log"
@@ -305,7 +319,7 @@ class Server:
 
 # ---- driving a server ----
 
-SIZE = (128, 128)  # the real-width VAE costs seconds per 128 x 128 image on 2 cores, four times that at 256
+SIZE = (128, 128)  # the full-width VAE costs seconds per 128 x 128 image on 2 cores, four times that at 256
 
 
 def workflow(name: str) -> dict:
@@ -321,10 +335,11 @@ def node_of(graph: dict, class_type: str) -> str:
 
 def small(graph: dict, steps: int = 4, seed: int = 5, size: tuple[int, int] = SIZE) -> dict:
     """The graph at `size` (img2img and inpaint: the input image's, 128 x 128; control images scaled to it),
-    `steps` steps, `seed`."""
+    `steps` steps, `seed`; ComfyUI's own VAELoader given the full-width VAE."""
     from zimage_core.client import job_prompt
 
     sets = [(node_of(graph, "ZImageSampler"), "steps", steps)]
+    sets += [(i, "vae_name", FULL_WIDTH_VAE) for i, n in graph.items() if n["class_type"] == "VAELoader"]
     sets += [(i, "largest_size", max(size)) for i, n in graph.items() if n["class_type"] == "ImageScaleToMaxDimension"]
     return job_prompt(graph, sets, seed=seed, size=size)
 
@@ -341,13 +356,21 @@ def saved(server: Server, entry: dict) -> list[np.ndarray]:
     return [np.asarray(Image.open(server.base / "output" / r["subfolder"] / r["filename"])) for r in refs]
 
 
-if __name__ == "__main__":  # .ci/run: set every host up before the suite, and say which will run
-    ready, missing = [], []
-    for wanted in versions():
-        try:
-            ready.append(f"{wanted} ({host(wanted)})")
-        except NoHost as e:
-            missing.append(f"{wanted}: {e}")
+def set_up(wanted: str) -> tuple[str | None, str | None]:
+    """(ready, missing): one of them says how `wanted` stands."""
+    try:
+        return f"{wanted} ({host(wanted)})", None
+    except NoHost as e:
+        return None, f"{wanted}: {e}"
+
+
+if __name__ == "__main__":  # .ci/run: set every host up before the suite (side by side: pip waits on the network)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(versions())) as pool:
+        outcomes = list(pool.map(set_up, versions()))
+    ready = [r for r, _ in outcomes if r]
+    missing = [m for _, m in outcomes if m]
     if ready:
         print(f"=== ComfyUI server tests: WILL RUN against {', '.join(ready)} ===")
     for line in missing:

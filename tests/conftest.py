@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import comfyui
 from helpers import SMALL, reference_transformer, write_diffusers_folder
+
+
+def share_the_cores():
+    """Under pytest-xdist each worker, and the servers and scripts it starts, computes on its share of the cores
+    (`OMP_NUM_THREADS`, unless set). Two workers of two threads each on two cores spend their time in OpenMP
+    barriers: measured here, two runs of the ControlNet parity tests side by side took 165 s each, against 30 s
+    with one thread each (17 s alone with two)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+share_the_cores()
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,9 +47,10 @@ def small_folder(small_ref, tmp_path_factory):
 
 
 def pytest_itemcollected(item):
-    """Mark server tests, and group each host's tests for pytest-xdist (under -n: one worker, the host started
-    once); here, before any `pytest_collection_modifyitems`, since xdist's reads the groups there."""
-    if "server" in getattr(item, "fixturenames", ()):
+    """Mark the tests that need a host (a server, or a checkout to run a script in), and group each host's server
+    tests for pytest-xdist (under -n: one worker, the host started once; a script in a checkout runs on any worker);
+    here, before any `pytest_collection_modifyitems`, since xdist's reads the groups there."""
+    if {"server", "checkout"} & set(getattr(item, "fixturenames", ())):
         item.add_marker(pytest.mark.server)
     params = item.callspec.params if hasattr(item, "callspec") else {}
     if params.get("server"):
@@ -50,7 +67,8 @@ def pytest_collection_modifyitems(config, items):
     in beside them."""
     kept, dropped = [], []
     for item in items:
-        version = getattr(item, "callspec", None) and item.callspec.params.get("server")
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        version = params.get("server", params.get("checkout"))
         only = [set(mark.args) for mark in item.iter_markers("hosts")]  # the test's and its parameter's
         (dropped if any(version not in hosts for hosts in only) else kept).append(item)
     if dropped:
@@ -104,17 +122,28 @@ def models(tmp_path_factory):
     return folder
 
 
+def host_or_skip(version: str):
+    """ComfyUI `version`'s checkout; without one the test is skipped with the reason, or fails under CI=true."""
+    try:
+        return comfyui.host(version)
+    except comfyui.NoHost as e:
+        if comfyui.in_ci():
+            pytest.fail(f"CI=true: ComfyUI {version} is required: {e}")
+        pytest.skip(f"ComfyUI {version}: {e}")
+
+
+@pytest.fixture(scope="session", params=comfyui.versions())
+def checkout(request):
+    """Each supported ComfyUI version's checkout, for the tests that run a script in the host's own python."""
+    return comfyui.Checkout(host_or_skip(request.param))
+
+
 @pytest.fixture(scope="session", params=comfyui.versions())
 def server(request, models, tmp_path_factory):
     """One server per supported ComfyUI version, one after another (pytest groups the tests by version)."""
-    try:
-        checkout = comfyui.host(request.param)
-    except comfyui.NoHost as e:
-        if comfyui.in_ci():
-            pytest.fail(f"CI=true: ComfyUI {request.param} is required: {e}")
-        pytest.skip(f"ComfyUI {request.param}: {e}")
     base = tmp_path_factory.mktemp(f"comfyui-{request.param}")
-    server = comfyui.Server(checkout, base, models).start(extra=["--preview-method", "latent2rgb"])
+    server = comfyui.Server(host_or_skip(request.param), base, models)
+    server = server.start(extra=["--preview-method", "latent2rgb"])
     yield server
     server.stop()
 

@@ -35,7 +35,7 @@ from zimage_pack.zimage_core.transformer import TransformerConfig, ZImageTransfo
 import nodes
 
 CFG = TransformerConfig(n_layers=2, cap_feat_dim=64)
-SEED, STEPS, LATENT = 21, 4, (1, 16, 8, 12)  # a 64 x 96 image: rows and columns get different RoPE positions
+SEED, STEPS, LATENT = 21, 2, (1, 16, 8, 12)  # a 64 x 96 image: rows and columns get different RoPE positions
 
 
 def random_weights(cfg: TransformerConfig, seed: int) -> dict:

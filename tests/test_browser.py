@@ -21,7 +21,8 @@ from comfyui import NEWEST, PACK, ROOT
 from workflow_api import UI_ONLY, shipped, widget_names
 
 TEMPLATES = {ui.stem: json.loads(ui.read_text()) for ui, _ in shipped()}
-SMALL = {"width": 128, "height": 128, "largest_size": 128, "steps": 2, "seed": 7}  # as a user would type them
+# As a user would type them; ComfyUI's own VAELoader (the native-nodes template) picks the full-width VAE it needs.
+SMALL = {"width": 128, "height": 128, "largest_size": 128, "steps": 2, "seed": 7, "vae_name": comfyui.FULL_WIDTH_VAE}
 REFRESH = os.environ.get("ZIMAGE_REFRESH_SCREENSHOTS") == "1"
 
 pytestmark = pytest.mark.server

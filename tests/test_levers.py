@@ -10,9 +10,9 @@ kernels' glue with a stand-in; their numbers on a GPU are the bench's.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import rel_err
 from helpers import SMALL, make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zimage_core import attention as attn
 from zimage_core import gemm
@@ -302,8 +302,8 @@ def test_the_step_loop_never_reads_a_value_back_from_the_device():
     g = torch.Generator().manual_seed(4)
     x, clean, noise = (torch.randn(1, 16, 8, 12, generator=g) for _ in range(3))
     mask = (torch.rand(1, 1, 8, 12, generator=g) > 0.5).float()
-    options = dict(scale=2.0, inpaint=(clean, noise, mask), variety=(sampling.vary(cond, [3], 0.4), 1),
-                   callback=lambda *a: None)  # fmt: skip
+    options = {"scale": 2.0, "inpaint": (clean, noise, mask), "variety": (sampling.vary(cond, [3], 0.4), 1),
+               "callback": lambda *a: None}  # fmt: skip
     expected = sampling.sample(model, x, cond, uncond, sampling.sigmas(4), **options)  # builds the layouts
     with HostReads() as watch:
         got = sampling.sample(model, x, cond, uncond, sampling.sigmas(4), **options)

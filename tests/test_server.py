@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from comfyui import INPUT_IMAGES, NEWEST, PACK, SIZE, node_of, run, saved, small, workflow
+from comfyui import FULL_WIDTH_VAE, INPUT_IMAGES, NEWEST, PACK, SIZE, node_of, run, saved, small, workflow
 from PIL import Image
 from workflow_api import recorded_object_info, shipped, to_api, widget_names
 
@@ -69,7 +69,7 @@ def test_our_latents_decode_the_same_with_the_native_vae_decode(server, client):
     """One prompt, one latent from our sampler (fed by a native empty latent), decoded by both VAE decoders."""
     graph = small(workflow("zimage_turbo_with_native_nodes"))
     sampler = node_of(graph, "ZImageSampler")
-    graph["90"] = {"class_type": "ZImageVAELoader", "inputs": {"name": "ae.safetensors", "weight_dtype": "default",
+    graph["90"] = {"class_type": "ZImageVAELoader", "inputs": {"name": FULL_WIDTH_VAE, "weight_dtype": "default",
                                                                "device": "default"}}  # fmt: skip
     graph["91"] = {"class_type": "ZImageVAEDecode", "inputs": {"vae": ["90", 0], "samples": [sampler, 0],
                                                                "tiled": "auto"}}  # fmt: skip

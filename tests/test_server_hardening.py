@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from comfyui import NEWEST, REPORT, node_of, saved, small, workflow
+from comfyui import FULL_WIDTH_VAE, NEWEST, REPORT, node_of, saved, small, workflow
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -581,10 +581,11 @@ def running(client: Client, prompt_id: str, node: str) -> bool:
 
 @pytest.mark.hosts(NEWEST)  # every host: test_server.py's interrupt within one evaluation
 def test_interrupts_at_every_step_and_during_decode_leave_the_server_and_its_cache_intact(server, client, bad_files):
-    references = {seed: image_of(server, outcome(client, edit(base(), "5", seed=seed))) for seed in (101, 102)}
+    full = lambda: edit(base(), "3", name=FULL_WIDTH_VAE)  # whose decode is slow enough to be interrupted
+    references = {seed: image_of(server, outcome(client, edit(full(), "5", seed=seed))) for seed in (101, 102)}
     steps, tried = 6, []
-    slow = edit(base(), "5", steps=steps, width=1024, height=1024)  # about 0.1 s per evaluation on 2 CPU cores
-    decode = edit(base(), "5", steps=1, width=512, height=512)  # the real-width VAE decode takes seconds here
+    slow = edit(full(), "5", steps=steps, width=1024, height=1024)  # about 0.1 s per evaluation on 2 CPU cores
+    decode = edit(full(), "5", steps=1, width=512, height=512)  # seconds here
     trials = [("step", k, slow) for k in range(1, steps)] + [("decode", None, decode)]
     for i, (kind, at, graph) in enumerate(trials):
         prompt_id = client.queue(edit(graph, "5", seed=1000 + i))  # a new seed: the sampler runs every time
@@ -600,7 +601,7 @@ def test_interrupts_at_every_step_and_during_decode_leave_the_server_and_its_cac
         assert failure(entry)["type"] == "execution_interrupted", (kind, at, failure(entry))
         if kind == "step":
             assert at <= last <= at + 1, (at, last)  # stopped before the next evaluation (or the one in flight)
-        entry, cached = executed(client, edit(base(), "5", seed=(101, 102)[i % 2]))
+        entry, cached = executed(client, edit(full(), "5", seed=(101, 102)[i % 2]))
         assert {"1", "2", "3"} <= cached, cached  # the loaded models survived the interrupt
         assert np.array_equal(image_of(server, Outcome("success", entry=entry)), references[(101, 102)[i % 2]])
         tried.append(f"{kind} {at}" if at else kind)

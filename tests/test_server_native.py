@@ -1,4 +1,5 @@
-"""Our MODEL and CONDITIONING among native nodes, in real ComfyUI servers (0.33.0, 0.8.0, 0.3.64)."""
+"""Our MODEL and CONDITIONING among native nodes in real ComfyUI servers (0.33.0, 0.8.0, 0.3.64), and our models in
+each host's own python with no server (the tests taking `checkout`: any pytest-xdist worker runs them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from comfyui import NEWEST, REPORT, ROOT, SIZE, run, saved, write_full_qwen3, write_wide_caption_transformer
+from comfyui import (
+    FULL_WIDTH_VAE,
+    NEWEST,
+    REPORT,
+    ROOT,
+    SIZE,
+    run,
+    saved,
+    write_full_qwen3,
+    write_wide_caption_transformer,
+)
 from PIL import Image
 
 from zimage_core.client import failure
@@ -36,7 +47,7 @@ def graph(
               "inputs": {"text_encoder": ["2", 0], "text": "a lighthouse in a storm", "max_length": 512}},
         "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
-        "7": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "7": {"class_type": "VAELoader", "inputs": {"vae_name": FULL_WIDTH_VAE}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["7", 0]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": sampler}},
     }  # fmt: skip
@@ -128,7 +139,7 @@ def test_our_vae_converts_to_comfyuis_vae_without_loss(server, client):
     ComfyUI's own VAELoader on the same file, and our decoder's within 2/255."""
     nodes = graph("ours")
     nodes |= {
-        "11": {"class_type": "ZImageVAELoader", "inputs": {"name": "ae.safetensors", "weight_dtype": "default",
+        "11": {"class_type": "ZImageVAELoader", "inputs": {"name": FULL_WIDTH_VAE, "weight_dtype": "default",
                                                             "device": "default"}},
         "12": {"class_type": "ZImageVAEToVAE", "inputs": {"vae": ["11", 0]}},
         "13": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["12", 0]}},
@@ -172,15 +183,15 @@ def test_native_lora_loader_patches_our_model_and_both_samplers_see_it(server, c
     [None, pytest.param("native", marks=pytest.mark.hosts(NEWEST)), pytest.param("ours", marks=pytest.mark.hosts(NEWEST))],
     ids=["plain", "native lora", "our lora"],
 )  # every host's partial loading; LoRA patches under it are the host's and ours in test_server.py and below
-def test_a_partial_load_gives_the_full_loads_output(server, models, lora):
+def test_a_partial_load_gives_the_full_loads_output(checkout, models, lora):
     """In the host's own process: our MODEL loaded with a budget a third of its size (ComfyUI casts the other
     modules per call) predicts what the full load predicts, with and without a LoRA patched in: a fused-name one
     by the host's LoRA loader, or a split q/k/v one (patches at row offsets of qkv) by ours."""
     script = ROOT / "tests" / "partial_load.py"
-    args = [server.python, str(script), str(ROOT), "transformer", str(models / "transformer.safetensors")]
+    args = [checkout.python, str(script), str(ROOT), "transformer", str(models / "transformer.safetensors")]
     if lora:
         args += [str(models / ("lora.safetensors" if lora == "native" else "lora_split.safetensors")), lora]
-    done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(args, cwd=checkout.host, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["lowvram_modules"] > 0 and result["partial_bytes"] < result["model_bytes"] / 2, result
@@ -189,17 +200,17 @@ def test_a_partial_load_gives_the_full_loads_output(server, models, lora):
         assert result["lora_changed"] > 1e-3 * result["scale"], result
 
 
-def test_quantized_models_stay_compact_inside_comfyui_and_take_loras(server, models, tmp_path):
+def test_quantized_models_stay_compact_inside_comfyui_and_take_loras(checkout, models, tmp_path):
     """In the host's own process, for int8 ConvRot, MXFP8 and NVFP4 (comfy-kitchen's quantizers) and GGUF Q8_0 and
     Q4_K (gguf-py's): the block weights stay in their stored form in the host's Linear, the prediction equals the
     same model on the reference-dequantized weights, a LoRA applies per call as it applies in place to those weights,
     a partial load gives the full load's result, and the LoRA leaves with its patcher (tests/quant_in_host.py)."""
     script = ROOT / "tests" / "quant_in_host.py"
-    done = subprocess.run([server.python, str(script), str(ROOT), str(models), str(tmp_path)], cwd=server.host,
+    done = subprocess.run([checkout.python, str(script), str(ROOT), str(models), str(tmp_path)], cwd=checkout.host,
                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    REPORT.setdefault(server.version, {})["quantized inside the host (held/dense bytes; forward, LoRA rel. error)"] = (
+    REPORT.setdefault(checkout.version, {})["quantized inside the host (held/dense bytes; forward, LoRA rel. error)"] = (
         ", ".join(f"{k}: {r['held_bytes'] / r['dense_bytes']:.2f}; {r['forward']:.0e}, {r['lora']:.0e}"
                   for k, r in results.items())
     )  # fmt: skip
@@ -218,7 +229,7 @@ def test_quantized_models_stay_compact_inside_comfyui_and_take_loras(server, mod
 
 
 @pytest.mark.parametrize("form", ["safetensors", pytest.param("GGUF Q8_0", marks=pytest.mark.hosts(NEWEST))])
-def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server, models, tmp_path, form):
+def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(checkout, models, tmp_path, form):
     """Our text encoder from the host's layers (its Linear, Embedding and RMSNorm), loaded partially (the host
     streaming the rest per call) at two budgets, encodes as the full load does, and as our own layers do; from a
     GGUF file (gguf-py's Q8_0, token embedding included) the host's Embedding holds the table in its blocks."""
@@ -230,8 +241,8 @@ def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server
         te = llama_cpp_names({k: v.float() for k, v in load_file(weights).items()}, QWEN3_SMALL["num_hidden_layers"])
         weights = write_gguf(tmp_path / "Qwen3-4B-Q8_0.gguf", te, lambda n: "Q8_0", "qwen3")[0]
     script = ROOT / "tests" / "partial_load.py"
-    args = [server.python, str(script), str(ROOT), "text_encoder", str(weights)]
-    done = subprocess.run(args, cwd=server.host, capture_output=True, text=True, timeout=300, check=False)
+    args = [checkout.python, str(script), str(ROOT), "text_encoder", str(weights)]
+    done = subprocess.run(args, cwd=checkout.host, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["embedding"] == ("torch.float32" if form == "safetensors" else "torch.uint8"), result
@@ -243,14 +254,14 @@ def test_a_partial_load_of_our_text_encoder_gives_the_full_loads_features(server
 
 
 @pytest.mark.hosts("0.33.0")  # the host whose Linear and Embedding are built empty under dynamic VRAM
-def test_our_models_load_under_dynamic_vram_and_cast_only_where_held_in_another_dtype(server, models):
+def test_our_models_load_under_dynamic_vram_and_cast_only_where_held_in_another_dtype(checkout, models):
     """0.33.0 turns dynamic VRAM on by default on NVIDIA GPUs, and then builds its Linear and Embedding without a
     weight for its own loader to fill: our transformer, text encoder and ControlNet, built from those layers, load
     and compute as they do without it (forced on here, on the CPU; tests/host_layers.py). Layers cast their weight
     per call only where it is held in another dtype than it computes in (fp8), as the host's `pick_operations`.
     The host's Linear takes the fp8 GEMMs as ours does; on a CPU the host gets none unasked."""
     script = ROOT / "tests" / "host_layers.py"
-    done = subprocess.run([server.python, str(script), str(ROOT), str(models)], cwd=server.host,
+    done = subprocess.run([checkout.python, str(script), str(ROOT), str(models)], cwd=checkout.host,
                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -263,13 +274,13 @@ def test_our_models_load_under_dynamic_vram_and_cast_only_where_held_in_another_
 
 
 @pytest.mark.hosts(NEWEST, "0.3.64")  # the newest and the oldest flag handling
-def test_comfyuis_dtype_flags_choose_our_loaders_default_dtypes(server, models):
+def test_comfyuis_dtype_flags_choose_our_loaders_default_dtypes(checkout, models):
     """--fp16-text-enc, --fp8_e4m3fn-text-enc, --bf16-vae: our loaders' `default` holds the weights in what the host
     picks for its own models under the same flags (fp8: the weights, with the layers' own compute dtype)."""
     script = ROOT / "tests" / "dtype_flags.py"
     seen = {}
     for flags in ((), ("fp16_text_enc", "bf16_vae"), ("fp8_e4m3fn_text_enc", "fp32_vae")):
-        done = subprocess.run([server.python, str(script), str(ROOT), str(models), *flags], cwd=server.host,
+        done = subprocess.run([checkout.python, str(script), str(ROOT), str(models), *flags], cwd=checkout.host,
                               capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         seen[flags] = result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -282,7 +293,7 @@ def test_comfyuis_dtype_flags_choose_our_loaders_default_dtypes(server, models):
 
 @pytest.mark.heavy
 @pytest.mark.hosts(NEWEST)  # the newest native NextDiT (0.8.0's too before CI outgrew its time)
-def test_our_model_under_ksampler_equals_comfyuis_native_z_image(server, tmp_path):
+def test_our_model_under_ksampler_equals_comfyuis_native_z_image(checkout, tmp_path):
     """One real-width slice file, loaded by ComfyUI's own loader (its NextDiT) and by ours, through the KSampler node
     in fp32: the same prediction and the same samples (euler; other samplers are the host's code), and the same kohya LoRA maps every key
     onto both and changes both the same way (tests/native_parity.py; q/k eps aligned); on ComfyUI's model, the same
@@ -290,26 +301,26 @@ def test_our_model_under_ksampler_equals_comfyuis_native_z_image(server, tmp_pat
     by comfy-kitchen in each format the host's loader knows predicts alike in both loaders: MXFP8 and NVFP4 to fp32
     rounding; int8 to the error of the host's activation quantization, which ours does not do (1e-2 measured)."""
     script = ROOT / "tests" / "native_parity.py"
-    done = subprocess.run([server.python, str(script), str(ROOT), str(tmp_path)], cwd=server.host,
+    done = subprocess.run([checkout.python, str(script), str(ROOT), str(tmp_path)], cwd=checkout.host,
                           capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     keys = ("forward", "euler", "lora", "our_loader_split_on_native")
-    REPORT.setdefault(server.version, {})[f"native parity (rel. error: {', '.join(keys)})"] = ", ".join(
+    REPORT.setdefault(checkout.version, {})[f"native parity (rel. error: {', '.join(keys)})"] = ", ".join(
         f"{result[k]:.1e}" for k in keys
     )
-    assert result["host"] == server.version and result["native_class"] == "NextDiT", result
+    assert result["host"] == checkout.version and result["native_class"] == "NextDiT", result
     assert result["keys_only_in_file"] == result["keys_only_in_native"] == 0 and result["eps_aligned"] == 12, result
     assert max(result[k] for k in ("forward", "euler", "lora")) <= 1e-5, result
     assert result["our_loader_split_on_native"] <= 1e-5, result  # a musubi LoRA by our loader = fused by the host's
     assert result["lora_unmatched_native"] == result["lora_unmatched_ours"] == 0 and result["lora_keys"] == 4, result
     assert result["lora_change"] > 0.02 and result["lora_delta"] <= 1e-4, result
     quantized = {k.removeprefix("quantized "): v for k, v in result.items() if k.startswith("quantized ")}
-    expected = {"0.33.0": 3, "0.8.0": 1}[server.version]  # 0.8.0's QUANT_ALGOS has nvfp4 of these; 0.33.0 all three
+    expected = {"0.33.0": 3, "0.8.0": 1}[checkout.version]  # 0.8.0's QUANT_ALGOS has nvfp4 of these; 0.33.0 all three
     assert len(quantized) == expected, result
     for label, error in quantized.items():  # 0.33.0's int8 Linear also quantizes its input per token (W8A8);
         assert error <= (3e-2 if label.startswith("int8") else 1e-5), result  # ours dequantizes the weight only
-    REPORT[server.version]["the same quantized file in ComfyUI's loader and ours (rel. error)"] = ", ".join(
+    REPORT[checkout.version]["the same quantized file in ComfyUI's loader and ours (rel. error)"] = ", ".join(
         f"{k}: {v:.1e}" for k, v in quantized.items()
     )
 
@@ -340,7 +351,7 @@ def encoded_by(encoder: str, te_name: str, transformer_name: str) -> dict:
             "model": ["1", 0], "positive": ["3", 0], "latent": ["5", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0,
             "width": 128, "height": 128, "batch_size": 1, "denoise": 1.0, "shift": 3.0, "variety": 0.0}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{encoder}"}},
-        "8": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "8": {"class_type": "VAELoader", "inputs": {"vae_name": FULL_WIDTH_VAE}},
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["8", 0]}},
         "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": encoder}},
     }  # fmt: skip
@@ -374,8 +385,8 @@ def test_native_clip_text_encode_feeds_our_sampler(server, client, full_encoder)
     assert difference.mean() <= 0.5, (difference.max(), difference.mean())
 
 
-def test_our_lora_loader_gives_our_merged_weights_for_every_format(server, models, tmp_path):
-    """In the host's own process: a LoRA file of each format (tests/test_lora.py writes them on the server models'
+def test_our_lora_loader_gives_our_merged_weights_for_every_format(checkout, models, tmp_path):
+    """In the host's own process: a LoRA file of each format (tests/test_lora.py writes them on the test models'
     diffusers layer names) through the Z-Image LoRA Loader's path (the host's adapters and ModelPatcher) predicts
     what `zimage_core.lora` merged into our transformer predicts (tests/lora_in_host.py)."""
     import torch
@@ -389,11 +400,11 @@ def test_our_lora_loader_gives_our_merged_weights_for_every_format(server, model
     for fmt in FORMATS:
         write_file(tmp_path / f"{fmt.replace(' ', '_')}.safetensors", lora_file(fmt, layers, seed=5, deltas=False)[0])
     script = ROOT / "tests" / "lora_in_host.py"
-    done = subprocess.run([server.python, str(script), str(ROOT), str(models / "transformer.safetensors"),
-                           str(tmp_path)], cwd=server.host, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    done = subprocess.run([checkout.python, str(script), str(ROOT), str(models / "transformer.safetensors"),
+                           str(tmp_path)], cwd=checkout.host, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])["formats"]
-    REPORT.setdefault(server.version, {})["our LoRA loader vs zimage_core merge (rel. error / change)"] = ", ".join(
+    REPORT.setdefault(checkout.version, {})["our LoRA loader vs zimage_core merge (rel. error / change)"] = ", ".join(
         f"{k}: {r['error']:.0e} / {r['change']:.2f}" for k, r in results.items()
     )
     assert len(results) == len(FORMATS), results

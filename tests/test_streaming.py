@@ -90,10 +90,12 @@ def test_generate_with_a_vram_budget_gives_the_resident_image(deep_file, monkeyp
     gives the image it gives with everything resident; prompts and negatives encode in one pass."""
     streamers = []
     init = streaming.Streamer.__init__
-    monkeypatch.setattr(streaming.Streamer, "__init__", lambda self, *a, **k: streamers.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(
+        streaming.Streamer, "__init__", lambda self, *a, **k: streamers.append(self) or init(self, *a, **k)
+    )
     models = pipeline.Models(deep_file, pipeline.TINY_RANDOM, pipeline.TINY_RANDOM)
-    args = dict(prompts=["a cat"], negatives=["blurry"], width=64, height=48, steps=2, cfg=3.0, seeds=[1],
-                dtype=torch.float32)  # fmt: skip
+    args = {"prompts": ["a cat"], "negatives": ["blurry"], "width": 64, "height": 48, "steps": 2, "cfg": 3.0,
+            "seeds": [1], "dtype": torch.float32}  # fmt: skip
     plain = pipeline.generate(models, **args)
     probe = load_transformer(deep_file, dtype=torch.float32)
     encoder = pipeline.tiny_random("text_encoder", "cpu", torch.float32)
