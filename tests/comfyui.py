@@ -45,9 +45,10 @@ MODEL_FILES = {
     ],
 }
 SOURCES = {  # which written model each released name gets
-    "ae_full_width.safetensors": "vae_full_width", "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
-    "vae": "vae", "clip_vision": "siglip", "loras": "lora", "pixel_art_style_z_image_turbo.safetensors": "lora_split",
-    "flux_style_lora.safetensors": "lora_flux", "model_patches": "controlnet",
+    "z_image_omni_bf16.safetensors": "omni", "diffusion_models": "transformer", "text_encoders": "text_encoder",
+    "ae_full_width.safetensors": "vae_full_width", "vae": "vae", "clip_vision": "siglip", "loras": "lora",
+    "pixel_art_style_z_image_turbo.safetensors": "lora_split", "flux_style_lora.safetensors": "lora_flux",
+    "model_patches": "controlnet",
 }  # fmt: skip
 # ComfyUI's own VAELoader builds the Flux VAE at its real widths only, so graphs with native VAE nodes read this file;
 # `ae.safetensors` is the same layout narrowed (helpers.VAE_NARROW), which our loader reads by its shapes.
