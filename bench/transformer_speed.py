@@ -42,6 +42,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--residual", choices=["fp32", "compute"], default="fp32", help="our residual stream's dtype")
     p.add_argument("--fp8", action="store_true", help="also ours with the blocks' Linears held in fp8 (per-row "
                    "scales) and multiplied by fp8 GEMMs (`_scaled_mm`)")  # fmt: skip
+    p.add_argument("--fp4", action="store_true", help="also ours with the blocks' Linears held in nvfp4, multiplied "
+                   "by Blackwell's fp4 GEMMs where the GPU has them (elsewhere dequantized per call)")  # fmt: skip
     p.add_argument("--vram", type=float, default=0.0, metavar="GB",
                    help="also ours streaming its blocks within GB of device memory for its weights")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "transformer_speed.json")
@@ -162,12 +164,15 @@ def compiled(name: str, model):
     return twin
 
 
-def fp8_twin(model, dev, dtype):
-    """A copy of ours whose blocks' Linears hold e4m3 weights with one scale per row and multiply by fp8 GEMMs."""
+def quantized_twin(model, dev, dtype, kind: str):
+    """A copy of ours whose blocks' Linears hold e4m3 weights with one scale per row (`fp8`) or nvfp4 weights
+    (`nvfp4`, quantized as comfy-kitchen quantizes them), multiplied by those GEMMs where the device has them."""
     import copy
 
     import torch
 
+    from zimage_core import gemm
+    from zimage_core.quant import Format
     from zimage_core.speed import Speed
     from zimage_core.streaming import block_lists
 
@@ -175,11 +180,16 @@ def fp8_twin(model, dev, dtype):
     for block in block_lists(twin):
         for layer in block.modules():
             if hasattr(layer, "weight_scale") and layer.weight.dim() == 2:
-                w = layer.weight.float()
-                scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
-                layer.weight = torch.nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
+                w = layer.weight
+                if kind == "fp8":
+                    scale = w.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 448
+                    held = (w.float() / scale).to(torch.float8_e4m3fn)
+                else:
+                    held, scale, layer.weight_scale_2 = gemm.nvfp4_quantize(w)
+                    layer.quant = Format("nvfp4")
+                layer.weight = torch.nn.Parameter(held, requires_grad=False)
                 layer.weight_scale = scale
-    return Speed(gemm="lowp").apply(twin, dev, dtype)
+    return Speed(gemm="lowp" if kind == "fp8" else "auto").apply(twin, dev, dtype)
 
 
 def streamed_twin(model, dev, budget_gb: float):
@@ -240,7 +250,9 @@ def run(args, host: Path | None):
         peers["ComfyUI"] = native_peer(host, sd, dtype, cfg.norm_eps)
     del sd
     if args.fp8:
-        peers["ours fp8"] = fp8_twin(ours, dev, dtype)
+        peers["ours fp8"] = quantized_twin(ours, dev, dtype, "fp8")
+    if args.fp4:
+        peers["ours nvfp4"] = quantized_twin(ours, dev, dtype, "nvfp4")
     if args.vram:
         peers["ours streamed"] = streamed_twin(ours, dev, args.vram)
     if args.compile:  # each peer's own regional compilation, beside its eager self (the same weights)

@@ -216,8 +216,9 @@ def dtypes(facts, option, load_device):
 
 
 def host_gemms(load_device, compute: torch.dtype) -> frozenset[str]:
-    """The low-precision GEMMs the host would run its own models' weights with: int8 where the GPU has them (0.33.0
-    runs its int8 files W8A8), fp8 where it also has them and the user asked (`--fast fp8_matrix_mult`)."""
+    """The low-precision GEMMs the host would run its own models' weights with: int8, mxfp8 and nvfp4 where the GPU
+    has them (0.33.0 runs its int8 files W8A8, its block-scaled ones on Blackwell), fp8 where it also has them and
+    the user asked (`--fast fp8_matrix_mult`)."""
     allowed = gemm.kinds("auto", load_device, compute)
     if not any(getattr(f, "value", f) == "fp8_matrix_mult" for f in getattr(args, "fast", None) or ()):
         allowed -= {"fp8"}

@@ -211,14 +211,101 @@ def test_fp8_gemm_quantizes_each_row_as_comfy_kitchen_and_multiplies_exactly(dty
     assert rel_err(gemm.fp8_linear(x, w, None), (xq.double() * x_scale.double()) @ w.double().T) <= 8e-3
 
 
+def test_e2m1_rounds_as_comfy_kitchen():
+    """nvfp4's 4-bit values: nearest, ties to the even code, at every midpoint and one step either side of it."""
+    from comfy_kitchen.float_utils import _f32_to_floatx_unpacked
+
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    spread = torch.rand(500, generator=torch.Generator().manual_seed(0)) * 6
+    edges = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, spread])
+    near = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)]).clamp(0, 6)
+    values = torch.cat([near, -near])
+    assert torch.equal(gemm.e2m1_codes(values), _f32_to_floatx_unpacked(values, 2, 1))
+
+
+def emulated_scaled_mm(a, b, *, scale_a, scale_b, output_dtype, bias=None, **recipe):
+    """torch's block-scaled GEMM as the formats define it, for the CPU (which has no such kernel): both operands
+    dequantized by comfy-kitchen's own readers of its tiled scales, multiplied in float64."""
+    from comfy_kitchen.backends.eager import quantization as q
+
+    def dense(m, scale):
+        if m.dtype == torch.float4_e2m1fn_x2:
+            return q.dequantize_nvfp4(m.view(torch.uint8), scale[1], scale[0], torch.float64)
+        return q.dequantize_mxfp8(m, scale, torch.float64)
+
+    out = dense(a, scale_a) @ dense(b.t(), scale_b).T
+    return (out if bias is None else out + bias).to(output_dtype)
+
+
+def recorded_scaled_mm(monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(F, "scaled_mm", lambda *a, **kw: calls.append((a, kw)) or emulated_scaled_mm(*a, **kw))
+    return calls
+
+
+def same_call(ours, theirs) -> bool:
+    """Two kernel calls with the same operands (bit for bit), scales, recipes and swizzles."""
+    (a, kw), (b, kw2) = ours, theirs
+    kw, kw2 = {"bias": None, **kw}, {"bias": None, **kw2}
+
+    def raw(t):  # the bytes, in memory order (an operand is a transposed view; fp4 has no copy)
+        return (t if t.is_contiguous() else t.t()).reshape(-1).view(torch.uint8)
+
+    def same(x, y):
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(same, x, y))
+        if isinstance(x, torch.Tensor):
+            return (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape
+                    and x.stride() == y.stride() and torch.equal(raw(x), raw(y)))  # fmt: skip
+        return x == y
+
+    return same(list(a), list(b)) and kw.keys() == kw2.keys() and all(same(kw[k], kw2[k]) for k in kw)
+
+
+@pytest.mark.parametrize("quantizer", ["ours", "comfy-kitchen"])
+@pytest.mark.parametrize("rows", [32, 40, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("label", ["mxfp8", "nvfp4"])
+def test_block_scaled_gemms_call_blackwells_kernel_as_comfyui_does(label, dtype, rows, quantizer, monkeypatch):
+    """ComfyUI 0.33.0 runs its mxfp8 and nvfp4 files on Blackwell by quantizing the activations with
+    comfy-kitchen's layout (rows padded to 32 / 16) and one `torch.nn.functional.scaled_mm`: ours makes the same
+    call, operand for operand, from the weight as we hold it (its block scales untiled at load), and returns the
+    first `rows` rows of what the kernel gives; with our quantizer, and with comfy-kitchen's fused one (taken on a
+    GPU where it is installed; here its CPU code)."""
+    monkeypatch.setattr(gemm, "fused", lambda x: quantizer == "comfy-kitchen")
+    from comfy_kitchen.tensor import QuantizedTensor
+    from helpers import ck_quantize
+
+    from zimage_core.quant import Format
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 256, generator=g)
+    x = (torch.randn(rows, 256, generator=g) * 3).to(dtype)
+    x[3] *= 40
+    x[5, :32] = 0  # a zero block
+    parts, _ = ck_quantize(w, label)
+    fmt = Format(label)
+    scale = fmt.prepare_scale(parts["weight_scale"], tuple(parts["weight"].shape))
+    calls = recorded_scaled_mm(monkeypatch)
+    if label == "nvfp4":
+        ours = gemm.nvfp4_linear(x, parts["weight"], scale, parts["weight_scale_2"].float().reshape(()))
+    else:
+        ours = gemm.mxfp8_linear(x, parts["weight"], scale)
+    layout = {"mxfp8": "TensorCoreMXFP8Layout", "nvfp4": "TensorCoreNVFP4Layout"}[label]
+    theirs = F.linear(QuantizedTensor.from_float(x, layout), QuantizedTensor.from_float(w, layout))
+    assert len(calls) == 2 and same_call(*calls), calls
+    assert ours.shape == theirs.shape == (rows, 96) and ours.dtype == theirs.dtype == dtype
+    assert rel_err(ours, theirs) <= 1e-6
+
+
 @pytest.fixture(scope="module")
 def quantized_small(small_ref, tmp_path_factory):
     """The SMALL model's block Linears quantized by comfy-kitchen as ComfyUI's files hold them, per format."""
     from helpers import ck_quantized_file, to_comfy
 
     sd, folder = to_comfy(small_ref.state_dict()), tmp_path_factory.mktemp("lowp")
-    return {label: ck_quantized_file(sd, label, folder / f"{i}.safetensors")[0]
-            for i, label in enumerate(("float8_e4m3fn", "int8_tensorwise", "int8_tensorwise + convrot 256"))}  # fmt: skip
+    labels = ("float8_e4m3fn", "int8_tensorwise", "int8_tensorwise + convrot 256", "mxfp8", "nvfp4")
+    return {label: ck_quantized_file(sd, label, folder / f"{i}.safetensors")[0] for i, label in enumerate(labels)}
 
 
 @pytest.mark.parametrize("label", ["float8_e4m3fn", "int8_tensorwise", "int8_tensorwise + convrot 256"])
@@ -249,6 +336,28 @@ def test_low_precision_gemms_in_the_model_stay_near_the_dequantizing_path(quanti
     assert lowp <= comfyui_like and lowp <= 4 * plain, (plain, lowp, comfyui_like)
 
 
+@pytest.mark.parametrize("label", ["mxfp8", "nvfp4"])
+def test_block_scaled_gemms_in_the_model_stay_near_the_dequantizing_path(quantized_small, label, monkeypatch):
+    """The same file in bf16, its unpadded block Linears (q/k/v, out) through Blackwell's block-scaled GEMM (the
+    kernel emulated from the formats, as the test above checks ComfyUI calls it; the FFN's 682 features are padded
+    by the formats and dequantize), against the fp32 model on the dequantized weights. Quantizing the activations
+    costs what it costs: mxfp8 keeps 3 mantissa bits, nvfp4 one."""
+    inputs = make_inputs(SMALL, (16, 24), [20, 45], seed=3)
+    exact = run(load_transformer(quantized_small[label], dtype=torch.float32), inputs, torch.float32)
+    model = load_transformer(quantized_small[label], dtype=torch.bfloat16)
+    plain = rel_err(run(model, inputs, torch.bfloat16), exact)
+    assert Speed(gemm="lowp").gemms("cpu", torch.bfloat16) == {"fp8", "int8"}  # no CPU has these kernels
+    calls = recorded_scaled_mm(monkeypatch)
+    Speed(gemm="lowp").apply(model, "cpu", torch.bfloat16)
+    calls.clear()  # the trial run
+    taking = {n for n, m in model.named_modules() if getattr(m, "lowp", None) == label}
+    lowp = rel_err(run(model, inputs, torch.bfloat16), exact)
+    attention = {n for n in taking if n.endswith((".qkv", ".out"))}
+    assert len(attention) == 8 and not any("feed_forward" in n for n in taking), taking
+    assert len(calls) == len(attention), len(calls)  # once each; the time embedder's two rows dequantize
+    assert lowp <= {"mxfp8": 5, "nvfp4": 12}[label] * plain, (plain, lowp)  # measured: 4.0x and 9.8x
+
+
 def test_a_layer_with_a_lora_or_few_rows_dequantizes_and_modes_are_checked(quantized_small, monkeypatch):
     model = load_transformer(quantized_small["int8_tensorwise"], dtype=torch.float32)
     layer = model.layers[0].attention.qkv
@@ -261,6 +370,7 @@ def test_a_layer_with_a_lora_or_few_rows_dequantizes_and_modes_are_checked(quant
     layer.weight_function.append(lambda w: 2 * w)  # a LoRA's per-call update needs the dense weight
     assert rel_err(layer(x), 2 * dense) <= 1e-6
     assert gemm.kinds("auto", "cpu", torch.float32) == gemm.kinds("dequantize", "cpu", torch.float32) == frozenset()
+    assert gemm.kinds("lowp", "cpu", torch.float32) == {"fp8", "int8"}  # block-scaled ones only where they run
     with pytest.raises(ValueError, match="unknown GEMM mode 'int4'"):
         Speed(gemm="int4")
     monkeypatch.setattr(gemm, "runs", lambda name, device, dtype: "no kernel" if name == "fp8" else None)
@@ -270,6 +380,9 @@ def test_a_layer_with_a_lora_or_few_rows_dequantizes_and_modes_are_checked(quant
     assert gemm.kinds("auto", "cuda", torch.bfloat16) == {"int8"}  # Ampere: int8 GEMMs, no fp8
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     assert gemm.kinds("auto", "cuda", torch.bfloat16) == {"int8"}  # fp8 refused by its trial here
+    monkeypatch.setattr(gemm, "runs", lambda name, device, dtype: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
+    assert gemm.kinds("auto", "cuda", torch.bfloat16) == set(gemm.NEEDS)  # an RTX 50: mxfp8 and nvfp4 too
 
 
 # ---- no host syncs in the step loop ----

@@ -291,8 +291,9 @@ def main(argv=None) -> int:
         "--gemm",
         choices=GEMM_MODES,
         default="auto",
-        help="how fp8 and int8 weights multiply: auto (default: fp8/int8 GEMMs where the GPU has them, else "
-        "dequantized to the compute dtype), dequantize, or lowp (low-precision GEMMs wherever they run)",
+        help="how fp8, int8, mxfp8 and nvfp4 weights multiply: auto (default: their low-precision GEMMs where "
+        "the GPU has them, mxfp8/nvfp4 on Blackwell, else dequantized to the compute dtype), dequantize, or lowp "
+        "(fp8/int8 GEMMs wherever they run, the CPU too)",
     )
     p.add_argument(
         "--vram",

@@ -6,7 +6,7 @@ Names and layouts are ComfyUI 0.33.0's (`comfy/quant_ops.py` QUANT_ALGOS, `comfy
 JSON tensor, or one `_quantization_metadata` table in the header. The arithmetic follows comfy-kitchen 0.2.31's
 eager backend (`backends/eager/quantization.py`) operation for operation, so the tests, which quantize with
 comfy-kitchen, can ask for bit-equal weights. Weights stay compact in memory and `dequantize` runs per layer and
-per call: it is where fast kernels (int8 `_int_mm`, fp8 `_scaled_mm`, fp4 on Blackwell) belong.
+per call, unless a layer multiplies by its format's own GEMM (`gemm.py`: int8, fp8, mxfp8 and nvfp4).
 """
 
 from __future__ import annotations
@@ -94,6 +94,17 @@ def from_blocked(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     row_blocks, col_blocks = -(-rows // 128), -(-cols // 4)  # one copy: the load's temporaries stay few
     tiles = blocked.reshape(row_blocks, col_blocks, 32, 4, 4).permute(0, 3, 2, 1, 4)
     return tiles.reshape(row_blocks * 128, col_blocks * 4)[:rows, :cols]
+
+
+def to_blocked(plain: torch.Tensor) -> torch.Tensor:
+    """cuBLAS's block-scale tiling of (rows, cols) scales, zero-padded to whole 128 x 4 tiles: the layout the
+    block-scaled GEMMs read (`gemm.py`), as comfy-kitchen's `to_blocked`; `from_blocked` undoes it."""
+    rows, cols = plain.shape
+    row_blocks, col_blocks = -(-rows // 128), -(-cols // 4)
+    padded = plain.new_zeros(row_blocks * 128, col_blocks * 4)
+    padded[:rows, :cols] = plain
+    tiles = padded.reshape(row_blocks, 4, 32, col_blocks, 4).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(row_blocks * 128, col_blocks * 4)
 
 
 @lru_cache(maxsize=16)

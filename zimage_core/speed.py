@@ -8,8 +8,9 @@ fp8 GEMMs within that of ComfyUI's own fp8 GEMMs).
   error against fp32);
 - compile: regional `torch.compile` of the repeated blocks with dynamic shapes, so a new resolution or caption
   length does not recompile (the first call pays the compile: seconds to a minute);
-- gemm: how Linears holding fp8 or int8 weights multiply (`gemm.MODES`): `dequantize` (the plain path), `auto`
-  (fp8 `_scaled_mm` and int8 `_int_mm` where the GPU runs them fast), `lowp` (wherever they run, the CPU too);
+- gemm: how Linears holding fp8, int8, mxfp8 or nvfp4 weights multiply (`gemm.MODES`): `dequantize` (the plain
+  path), `auto` (fp8 `_scaled_mm`, int8 `_int_mm` and Blackwell's block-scaled GEMMs where the GPU runs them fast),
+  `lowp` (fp8 and int8 wherever they run, the CPU too; the block-scaled ones where the GPU has them);
 - vram: a budget in GB for the weights on the device (0: no limit): the text encoder and the transformer load
   into host memory and stream the blocks that do not fit (`streaming.py`).
 
