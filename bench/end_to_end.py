@@ -5,13 +5,14 @@ The components are diffusers' and transformers' own models with seeded random we
 layout) and loaded by our loaders, so both pipelines compute from the same weights; the output images are compared.
 On a GPU they are full size in bf16 (Turbo: 1024², 8 steps, no CFG); on a CPU the transformer is a real-width slice
 (`--layers` main layers and the 2 + 2 refiners), Qwen3 real-width with 3 layers and the VAE at its real widths, in
-fp32 at `--size`. Ours may take the speed levers (`--attention`, `--residual`, `--compile`, `--gemm`, `--vram`).
+fp32 at `--size`. Ours may take the speed levers (`--attention`, `--residual`, `--compile`, `--gemm`, `--vram`,
+`--cuda-graphs`).
 Both are loaded at once and their runs interleaved; memory is the bytes of weights each holds on the device plus
 what a run adds at its peak (CUDA's allocator, or the resident set sampled each ms on a CPU). The GPU figures the
 issue targets (0.72 s bf16 end to end on an H100, peak VRAM 14 GB bf16, 6 GB streaming) come from here.
 
     python bench/end_to_end.py [--size 1024] [--steps 8] [--reps 3] [--layers N] [--residual compute] [--compile]
-                               [--gemm auto|lowp] [--vram GB] [--out bench/out/end_to_end.json]
+                               [--gemm auto|lowp] [--vram GB] [--cuda-graphs] [--out bench/out/end_to_end.json]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--gemm", default="auto")
     p.add_argument("--vram", type=float, default=0.0)
+    p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "end_to_end.json")
     return p.parse_args()
 
@@ -65,7 +67,7 @@ def ours(root: Path, args, dev, dtype):
     from zimage_core.sampling import denoise
     from zimage_core.speed import Speed
 
-    speed = Speed(args.attention, args.residual, args.compile, args.gemm, args.vram)
+    speed = Speed(args.attention, args.residual, args.compile, args.gemm, args.vram, args.cuda_graphs)
     fp8 = torch.float8_e4m3fn if args.gemm == "lowp" else None  # fp8-held weights give the GEMMs something to do
     encoder = speed.place(load_text_encoder(root / "text_encoder", speed.home(dev), dtype), dev)
     transformer = load_transformer(root / "transformer", speed.home(dev), dtype, fp8)

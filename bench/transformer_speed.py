@@ -44,6 +44,7 @@ def parse() -> argparse.Namespace:
                    "scales) and multiplied by fp8 GEMMs (`_scaled_mm`)")  # fmt: skip
     p.add_argument("--fp4", action="store_true", help="also ours with the blocks' Linears held in nvfp4, multiplied "
                    "by Blackwell's fp4 GEMMs where the GPU has them (elsewhere dequantized per call)")  # fmt: skip
+    p.add_argument("--cuda-graphs", action="store_true", help="also ours replayed from CUDA graphs (GPU only)")
     p.add_argument("--vram", type=float, default=0.0, metavar="GB",
                    help="also ours streaming its blocks within GB of device memory for its weights")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "transformer_speed.json")
@@ -223,12 +224,15 @@ def ceiling(dtype) -> float:
 
 
 def run(args, host: Path | None):
+    import copy
+
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     from helpers import REAL, reference_transformer, to_comfy
 
+    from zimage_core.graphs import Graphs
     from zimage_core.speed import Speed
     from zimage_core.transformer import TransformerConfig, ZImageTransformer
 
@@ -255,6 +259,9 @@ def run(args, host: Path | None):
         peers["ours nvfp4"] = quantized_twin(ours, dev, dtype, "nvfp4")
     if args.vram:
         peers["ours streamed"] = streamed_twin(ours, dev, args.vram)
+    if args.cuda_graphs:  # the same weights; the warm-up call captures, the timed ones replay
+        peers["ours graphs"] = copy.copy(ours)
+        peers["ours graphs"].graphs = Graphs()
     if args.compile:  # each peer's own regional compilation, beside its eager self (the same weights)
         for name in list(peers):
             peers[f"{name} compiled"] = compiled(name, peers[name])

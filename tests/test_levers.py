@@ -385,22 +385,92 @@ def test_a_layer_with_a_lora_or_few_rows_dequantizes_and_modes_are_checked(quant
     assert gemm.kinds("auto", "cuda", torch.bfloat16) == set(gemm.NEEDS)  # an RTX 50: mxfp8 and nvfp4 too
 
 
+# ---- CUDA graphs (zimage_core/graphs.py) ----
+
+
+def traced_capture(fn, inputs):
+    """A CUDA graph's semantics where there is none: the call traced once (make_fx), so every Python value and
+    every tensor it reads from outside stays as it was at capture, then replayed reading the input buffers and
+    writing the output buffer."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    buffers = tuple(t.clone() for t in inputs)
+    traced = make_fx(fn)(*buffers)
+    output = traced(*buffers)
+    return buffers, output, lambda: output.copy_(traced(*buffers))
+
+
+def test_cuda_graphs_replay_each_shape_and_caption_lengths_as_the_eager_model(small_folder, monkeypatch):
+    """Calls as the step loop makes them (new latents and times each step; new sizes and prompt lengths between
+    images): the first of each shape and caption lengths runs eagerly and is captured, the others replay, and every
+    result is the eager model's. Replay with stale inputs, or with a time or caption length fixed at capture, would
+    give the first call's result again."""
+    from zimage_core.graphs import Graphs
+    from zimage_core.sampling import sample, sigmas
+    from zimage_core.text_encoder import Embeddings
+
+    model = load_transformer(small_folder, dtype=torch.float32)
+    calls = []
+    for i, (size, lens) in enumerate([((16, 24), [20, 45])] * 3 + [((24, 16), [20, 45]), ((16, 24), [30, 45])] * 2):
+        latents, t, caps, _ = make_inputs(SMALL, size, [45, 45], seed=i)
+        calls.append((latents, t, caps, lens))
+    with torch.no_grad():
+        eager = [model(*call) for call in calls]
+        captured = []
+        model.graphs = Graphs(lambda fn, inputs: captured.append(len(captured)) or traced_capture(fn, inputs))
+        graphed = [model(*call) for call in calls]
+    assert len(captured) == len(model.graphs.entries) == 3  # two sizes, two caption lengths
+    for i, (ours, expected) in enumerate(zip(graphed, eager)):
+        assert rel_err(ours, expected) <= 1e-6, i
+    assert rel_err(graphed[2], graphed[1]) > 0.1  # each step's own inputs
+
+    captions = Embeddings(calls[0][2], (20, 45), (0, 0))
+    model.graphs = None
+    with torch.no_grad():
+        plain = sample(model, calls[0][0], captions, schedule=sigmas(4))
+        model.graphs = Graphs(traced_capture)
+        assert rel_err(sample(model, calls[0][0], captions, schedule=sigmas(4)), plain) <= 1e-6
+
+
+def test_a_forward_that_cannot_be_captured_runs_eagerly_and_graphs_refuse_what_they_cannot_serve(small_folder):
+    from zimage_core.graphs import Graphs
+
+    model = load_transformer(small_folder, dtype=torch.float32)
+    latents, t, caps, _ = make_inputs(SMALL, (16, 24), [20, 45], seed=1)
+    with torch.no_grad():
+        expected = model(latents, t, caps, [20, 45])
+        tries = []
+        model.graphs = Graphs(lambda fn, inputs: tries.append(1) or (_ for _ in ()).throw(RuntimeError("no capture")))
+        with pytest.warns(UserWarning, match="cannot be captured, it runs eagerly"):
+            first = model(latents, t, caps, [20, 45])
+        again = model(latents, t, caps, [20, 45])
+    assert len(tries) == 1 and not model.graphs.entries  # tried once
+    assert rel_err(first, expected) <= 1e-6 and rel_err(again, expected) <= 1e-6
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
+        Speed(graphs=True).check("cpu", torch.float32)
+    with pytest.raises(ValueError, match="streaming moves them"):
+        Speed(graphs=True, vram=6)
+
+
 # ---- no host syncs in the step loop ----
 
 
 class HostReads(TorchDispatchMode):
     """Counts the operations that read a tensor's value back to Python (`.item()`, `float()`, `bool()`,
-    `nonzero`): on a GPU each one waits for the device to finish everything queued."""
+    `nonzero`) and the tensors made from Python data (`torch.tensor(...)`, then copied to the device): on a GPU
+    each one waits for the device to finish everything queued, and none can be captured in a CUDA graph."""
 
     READS = ("_local_scalar_dense", "is_nonzero", "equal", "nonzero", "_assert_async")
 
     def __init__(self):
         super().__init__()
-        self.reads = []
+        self.reads, self.made = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in self.READS:
             self.reads.append(func.overloadpacket.__name__)
+        if func.overloadpacket.__name__ in ("lift_fresh", "lift_fresh_copy"):
+            self.made.append(tuple(args[0].shape))
         return func(*args, **(kwargs or {}))
 
 
@@ -420,5 +490,41 @@ def test_the_step_loop_never_reads_a_value_back_from_the_device():
     expected = sampling.sample(model, x, cond, uncond, sampling.sigmas(4), **options)  # builds the layouts
     with HostReads() as watch:
         got = sampling.sample(model, x, cond, uncond, sampling.sigmas(4), **options)
-    assert watch.reads == []
+    assert watch.reads == [] and watch.made == []
     assert rel_err(got, expected) <= 1e-6
+
+
+def every_compact_weight_and_activation_quantizer():
+    """(name, call) for each dequantization (GGML kinds, ComfyUI's formats) and each activation quantizer."""
+    import numpy as np
+    from helpers import gguf_quantize
+
+    from zimage_core import ggml
+    from zimage_core.quant import Format, dequantize
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 512, generator=g) * 0.02, torch.randn(64, 512, generator=g)
+    for kind in ggml.BLOCKS:
+        data = torch.from_numpy(np.ascontiguousarray(gguf_quantize(w, kind)[0]))
+        yield kind, lambda data=data, kind=kind: ggml.dequantize(data, kind, (48, 512), torch.bfloat16)
+    for label in ("int8_tensorwise + convrot 256", "mxfp8", "nvfp4"):
+        from helpers import ck_quantize
+
+        parts, _ = ck_quantize(w, label)
+        fmt = Format(label.split(" + ")[0], 256 if "convrot" in label else 0)
+        scale = fmt.prepare_scale(parts["weight_scale"], tuple(parts["weight"].shape))
+        args = (parts["weight"], fmt, scale, parts.get("weight_scale_2"), (48, 512), torch.bfloat16)
+        yield label, lambda args=args: dequantize(*args)
+    yield "nvfp4 activations", lambda: gemm.nvfp4_quantize(x)
+    yield "mxfp8 activations", lambda: gemm.mxfp8_quantize(x)
+    yield "int8 + convrot activations", lambda: gemm.int8_linear(x, w.to(torch.int8), torch.ones(()), 256)
+
+
+def test_compact_weights_and_quantized_activations_make_no_tensor_from_host_data_after_their_first_call():
+    """Their small tables (shifts, code values, rounding bounds, Hadamard matrices) are made once per device: made
+    per call, each Linear of each step would wait for the GPU's queue to drain, and no CUDA graph could hold it."""
+    for name, call in every_compact_weight_and_activation_quantizer():
+        call()
+        with HostReads() as watch:
+            call()
+        assert watch.made == [] and watch.reads == [], (name, watch.made, watch.reads)

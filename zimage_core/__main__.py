@@ -178,7 +178,7 @@ def generate(args) -> int:
         width, height, args.steps, args.cfg, seeds, device, DTYPES[args.dtype or default_dtype(device)], init,
         strength, mask, args.variety, args.variety_steps, references or None, callback=progress,
         vae_dtype=DTYPES[args.vae_dtype], loras=args.lora, control=control,
-        speed=Speed(args.attention, args.residual, args.compile, args.gemm, args.vram),
+        speed=Speed(args.attention, args.residual, args.compile, args.gemm, args.vram, args.cuda_graphs),
     )  # fmt: skip
     for note in result.loras:
         print(note, file=sys.stderr)
@@ -287,6 +287,8 @@ def main(argv=None) -> int:
         help="the residual stream's dtype: fp32 (default, as the references) or compute (faster, in bf16)",
     )
     p.add_argument("--compile", action="store_true", help="compile the transformer's blocks (the first image waits)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the transformer's steps from CUDA graphs, one "
+                   "per size and prompt length (its activations stay reserved; not with --vram)")  # fmt: skip
     p.add_argument(
         "--gemm",
         choices=GEMM_MODES,

@@ -22,6 +22,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
+from .ggml import constant
 from .quant import E2M1, hadamard, to_blocked
 
 MODES = ("dequantize", "auto", "lowp")
@@ -81,8 +82,8 @@ def mxfp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # e2m1's magnitudes are E2M1[:8]; these are the midpoints between them, each tie rounding to the even code: those
 # where the even code is the upper neighbour are moved one float32 step below the midpoint, so a tie goes up.
 E2M1_MIDPOINTS = [(a + b) / 2 for a, b in pairwise(E2M1[:8])]
-E2M1_BOUNDS = [torch.nextafter(torch.tensor(m), torch.tensor(0.0)).item() if i % 2 else m
-               for i, m in enumerate(E2M1_MIDPOINTS)]  # fmt: skip
+E2M1_BOUNDS = tuple(torch.nextafter(torch.tensor(m), torch.tensor(0.0)).item() if i % 2 else m
+                    for i, m in enumerate(E2M1_MIDPOINTS))  # fmt: skip
 
 
 def nvfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,19 +102,14 @@ def nvfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return codes[:, 0::2] << 4 | codes[:, 1::2], block_scales, tensor_scale
 
 
-@lru_cache(maxsize=8)
-def e2m1_bounds(device: torch.device) -> torch.Tensor:
-    return torch.tensor(E2M1_BOUNDS, device=device)  # made once per device: a copy per call would wait on the GPU
-
-
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     return (x.abs().amax() / (FP8_MAX * E2M1_MAX)).float().clamp(min=1e-30)  # 0 only for an all-zero x
 
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     """The 4-bit e2m1 code of each value (in [-6, 6]), rounded to the nearest, ties to even, sign kept (-0 too)."""
-    magnitude = torch.bucketize(values.abs(), e2m1_bounds(values.device)).to(torch.uint8)
-    return magnitude | (torch.signbit(values).to(torch.uint8) << 3)
+    magnitude = torch.bucketize(values.abs(), constant(E2M1_BOUNDS, torch.float32, values.device))
+    return magnitude.to(torch.uint8) | (torch.signbit(values).to(torch.uint8) << 3)
 
 
 @lru_cache(maxsize=1)

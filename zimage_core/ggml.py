@@ -8,6 +8,8 @@ sampling), one layer per call, as city96's ComfyUI-GGUF does.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 TYPES = {  # GGML type id -> name (ggml.h `ggml_type`)
@@ -29,6 +31,13 @@ BLOCKS = {  # name -> (values per block, bytes per block), for the types dequant
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
+@lru_cache(maxsize=64)
+def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small table of constants on `device`, made once: made per call, its copy from host memory would wait for
+    the GPU to finish everything queued (a blocking copy), and could not be captured in a CUDA graph."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def dequantize(data: torch.Tensor, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The float weight of `shape` in `dtype` from a GGML-quantized byte tensor, computed where `data` lies."""
     blocks = data.reshape(-1, BLOCKS[kind][1])
@@ -46,7 +55,7 @@ def f16(field: torch.Tensor) -> torch.Tensor:
 
 def shifted(q: torch.Tensor, width: int, shifts: tuple[int, ...]) -> torch.Tensor:
     """`q` in runs of `width` bytes, each shifted right by every one of `shifts`: (blocks, runs, shifts, width)."""
-    by = torch.tensor(shifts, dtype=torch.uint8, device=q.device).reshape(1, 1, -1, 1)
+    by = constant(shifts, torch.uint8, q.device).reshape(1, 1, -1, 1)
     return q.reshape(q.shape[0], -1, 1, width) >> by
 
 
@@ -108,10 +117,8 @@ def q2_k(blocks):
 def q3_k(blocks):
     n = blocks.shape[0]
     hmask, qs, scales, d = split(blocks, QK_K // 8, QK_K // 4, 12)
-    low = scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=blocks.device)[:, None]
-    high = (
-        scales[:, 8:].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)[:, None]
-    )
+    low = scales[:, :8].reshape(n, 1, 8) >> constant((0, 4), torch.uint8, blocks.device)[:, None]
+    high = scales[:, 8:].reshape(n, 1, 4) >> constant((0, 2, 4, 6), torch.uint8, blocks.device)[:, None]
     sc = (low.reshape(n, 16) & 0x0F) | ((high.reshape(n, 16) & 0x03) << 4)
     dl = (f16(d) * (sc.to(torch.int8) - 32).float()).reshape(n, 16, 1)
     ql = shifted(qs, 32, (0, 2, 4, 6)).reshape(n, 16, QK_K // 16) & 3
@@ -149,7 +156,7 @@ def q6_k(blocks):
 
 def iq4_nl(blocks):
     d, qs = split(blocks, 2)
-    values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=blocks.device)
+    values = constant(IQ4_VALUES, torch.float32, blocks.device)
     return f16(d) * values[nibbles(qs, 16).long()]
 
 
@@ -160,7 +167,7 @@ def iq4_xs(blocks):
     high = (high >> torch.arange(0, 16, 2, device=blocks.device, dtype=torch.int32)) & 3
     low = torch.stack([scales_l & 0x0F, scales_l >> 4], dim=-1).reshape(n, 8)
     dl = (f16(d) * ((low | (high.to(torch.uint8) << 4)).to(torch.int8) - 32).float()).reshape(n, -1, 1)
-    values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=blocks.device)
+    values = constant(IQ4_VALUES, torch.float32, blocks.device)
     return (dl * values[nibbles(qs, 16).long()].reshape(n, -1, 32)).reshape(n, QK_K)
 
 

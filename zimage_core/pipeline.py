@@ -202,8 +202,7 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     limits.settings(steps, cfg, strength, SHIFT, variety, variety_steps)  # before anything slow
-    speed.kernel(device, dtype)
-    speed.gemms(device, dtype)
+    speed.check(device, dtype)
     loras = [(check_file(path), limits.number("LoRA strength", s, limits.LORA_STRENGTH)) for path, s in loras or []]
     for seed in seeds:
         limits.number("seed", seed, limits.SEED, integer=True)

@@ -148,7 +148,7 @@ def dequantize(
         w = (weight.float().reshape(rows, -1, 32) * exponents[..., None]).reshape(rows, -1)
     else:  # nvfp4: two e2m1 values a byte, high nibble first, times an fp8 scale per 16 and one per tensor
         codes = torch.stack([weight >> 4, weight & 0x0F], dim=-1).reshape(rows, -1).int()
-        w = torch.tensor(E2M1, dtype=dtype, device=weight.device)[codes]
+        w = ggml.constant(E2M1, dtype, weight.device)[codes]
         total = scale_2.to(weight.device, dtype) * scale.to(dtype)
         w = (w.reshape(rows, -1, 16) * total[..., None]).reshape(rows, -1)
     return w[tuple(slice(0, n) for n in shape)].to(dtype)

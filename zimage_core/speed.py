@@ -12,7 +12,9 @@ fp8 GEMMs within that of ComfyUI's own fp8 GEMMs).
   path), `auto` (fp8 `_scaled_mm`, int8 `_int_mm` and Blackwell's block-scaled GEMMs where the GPU runs them fast),
   `lowp` (fp8 and int8 wherever they run, the CPU too; the block-scaled ones where the GPU has them);
 - vram: a budget in GB for the weights on the device (0: no limit): the text encoder and the transformer load
-  into host memory and stream the blocks that do not fit (`streaming.py`).
+  into host memory and stream the blocks that do not fit (`streaming.py`);
+- graphs: the transformer's plain forwards replayed from CUDA graphs, one per shape and caption lengths
+  (`graphs.py`; CUDA only, not with streaming, whose weights move).
 
 Inside ComfyUI the host decides these (its attention flags, its TorchCompileModel node, its partial loading, its
 `--fast` flags); they are for the CLI and the library.
@@ -26,6 +28,7 @@ import torch
 
 from . import gemm
 from .attention import attention, known, use_attention
+from .graphs import Graphs
 from .streaming import stream
 
 RESIDUALS = ("fp32", "compute")
@@ -38,11 +41,15 @@ class Speed:
     compile: bool = False
     gemm: str = "dequantize"
     vram: float = 0.0
+    graphs: bool = False
 
     def __post_init__(self):
         known(self.attention)
         if not self.vram >= 0:
             raise ValueError(f"VRAM budget {self.vram!r} GB: give a positive number of GB, or 0 for no limit")
+        if self.graphs and self.vram:
+            raise ValueError("CUDA graphs replay the weights where they were captured and streaming moves them: use "
+                             "one or the other")  # fmt: skip
         gemm.known(self.gemm)
         if self.residual not in RESIDUALS:
             raise ValueError(f"unknown residual dtype {self.residual!r}: use one of {', '.join(RESIDUALS)}")
@@ -54,6 +61,13 @@ class Speed:
     def gemms(self, device, dtype: torch.dtype) -> frozenset[str]:
         """The low-precision GEMMs to use; asked for where they cannot run, this fails before anything loads."""
         return gemm.kinds(self.gemm, device, dtype)
+
+    def check(self, device, dtype: torch.dtype):
+        """Fail now, before anything loads, on a lever `device` cannot run in `dtype`."""
+        self.kernel(device, dtype)
+        self.gemms(device, dtype)
+        if self.graphs and torch.device(device).type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
 
     def home(self, device) -> str | torch.device:
         """Where to load a model: host memory when it will stream, else `device`."""
@@ -71,6 +85,8 @@ class Speed:
             model.residual_dtype = dtype if self.residual == "compute" else torch.float32
         if self.compile:
             compile_blocks(model)
+        if self.graphs and hasattr(model, "graphs"):
+            model.graphs = Graphs()
         return model
 
 

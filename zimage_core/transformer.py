@@ -426,6 +426,8 @@ class ZImageTransformer(nn.Module):
         rows = rows.to(self.residual_dtype)
         return torch.cat([rows, self.pad(self.x_pad_token, rows).expand(len(rows), n_all - rows.shape[1], -1)], 1)
 
+    graphs = None  # a `graphs.Graphs` to replay plain forwards from (`Speed(graphs=True)`)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cap_feats: torch.Tensor, cap_lens: list[int] | None = None,
         control=None,
@@ -438,14 +440,22 @@ class ZImageTransformer(nn.Module):
         Items of different image sizes go in separate calls (the result equals a mixed-size reference batch).
         control: a `controlnet.Control` (a ControlNet and its input), whose hints join the refiner and the layers.
         """
-        cfg, p, size = self.cfg, self.cfg.patch_size, x.shape
-        x = to_patches(x, p)
-        bsz, _, hgt, wid = x.shape
-        cap_lens = [cap_feats.shape[1]] * bsz if cap_lens is None else [int(n) for n in cap_lens]
+        p, bsz = self.cfg.patch_size, len(x)
+        cap_lens = (cap_feats.shape[1],) * bsz if cap_lens is None else tuple(int(n) for n in cap_lens)
         if len(cap_lens) != bsz or min(cap_lens) < 1 or max(cap_lens) > cap_feats.shape[1]:
             raise ValueError(f"cap_lens {cap_lens} do not fit caption features of shape {tuple(cap_feats.shape)}")
-        h, w = hgt // p, wid // p
-        shape = ropes_in(layout(cfg, (h, w), tuple(cap_lens), x.device), self.residual_dtype)
+        grid = (-(-x.shape[2] // p), -(-x.shape[3] // p))
+        if self.graphs is None or control is not None:
+            return self.predict(x, t, cap_feats, cap_lens, grid, control)
+        keep = layout(self.cfg, grid, cap_lens, x.device)
+        return self.graphs(lambda *a: self.predict(*a, cap_lens, grid), (x, t, cap_feats), (cap_lens,), keep)
+
+    def predict(self, x, t, cap_feats, cap_lens: tuple[int, ...], grid: tuple[int, int], control=None):
+        """`forward` on checked caption lengths and the image's grid of patches."""
+        cfg, p, size = self.cfg, self.cfg.patch_size, x.shape
+        x = to_patches(x, p)
+        h, w = grid
+        shape = ropes_in(layout(cfg, grid, cap_lens, x.device), self.residual_dtype)
         n, n_all, l_all = h * w, shape.img_rope.shape[1], shape.cap_rope.shape[1]
 
         dt = self.dtype
