@@ -452,6 +452,38 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly_and_graphs_refuse_what_t
         Speed(graphs=True, vram=6)
 
 
+def test_cuda_capture_records_on_copies_in_one_shared_pool_and_replays_the_graph(monkeypatch):
+    """The CUDA side with torch.cuda's graph API stood in for (no GPU here): the call is captured on copies of its
+    inputs, without autograd, in the one pool of its device, and replay is the graph's."""
+    from contextlib import contextmanager
+
+    from zimage_core import graphs
+
+    pools, captured = [], []
+
+    class Graph:
+        def replay(self):
+            captured.append("replay")
+
+    @contextmanager
+    def capturing(graph, pool):
+        pools.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(graphs, "POOLS", {})
+    x = torch.randn(3, requires_grad=True)
+    for _ in range(2):
+        buffers, out, replay = graphs.cuda_capture(lambda a: a * 2, (x,))
+        assert buffers[0] is not x and torch.equal(buffers[0], x.detach()) and not out.requires_grad
+        assert rel_err(out, 2 * x.detach()) == 0
+        replay()
+    assert len(pools) == 2 and pools[0] is pools[1] and captured == ["replay"] * 2
+
+
 # ---- no host syncs in the step loop ----
 
 

@@ -66,11 +66,12 @@ class Graphs:
 
 
 def cuda_capture(fn: Callable, inputs: tuple) -> tuple[tuple, torch.Tensor, Callable[[], None]]:
-    """`fn` on copies of `inputs` captured into a CUDA graph in the shared pool: (buffers, output, replay)."""
-    buffers = tuple(t.clone() for t in inputs)
+    """`fn` on copies of `inputs` captured into a CUDA graph in the shared pool: (buffers, output, replay).
+    Inference only: nothing is recorded for autograd."""
+    buffers = tuple(t.detach().clone() for t in inputs)
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
-    with torch.cuda.graph(graph, pool=shared_pool(inputs[0].device)):
+    with torch.no_grad(), torch.cuda.graph(graph, pool=shared_pool(inputs[0].device)):
         output = fn(*buffers)
     return buffers, output, graph.replay
 
