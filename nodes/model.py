@@ -156,14 +156,15 @@ NATIVE_CONTROL = "ComfyUI's Apply Z-Image Fun ControlNet (ZImageFunControlnet) p
     "Loader (the same files, the authors' control math)"  # fmt: skip
 
 
-def control_of(options: dict, sigma: float | None = None):
-    """The Control on a MODEL's transformer options, if any (and, given `sigma`, only where it acts); native
-    block patches, which this transformer would silently ignore, are refused."""
+def control_of(options: dict, sigmas: torch.Tensor | None = None):
+    """The Control on a MODEL's transformer options, if any (and, given the step's `sigmas`, only where it acts);
+    native block patches, which this transformer would silently ignore, are refused. The sigma is read back from
+    the device only when there is a Control to ask: without one a step waits for nothing."""
     patches = options.get("patches", {})
     if patches.get("noise_refiner") or patches.get("double_block"):
         raise ValueError(NATIVE_CONTROL)
     entry = options.get(CONTROL)
-    if entry is None or (sigma is not None and not entry["control"].active(sigma)):
+    if entry is None or (sigmas is not None and not entry["control"].active(float(sigmas.flatten()[0]))):
         return None
     return entry["control"]
 
@@ -182,7 +183,7 @@ class HostTransformer(ZImageTransformer):
             raise ValueError("this MODEL is an Omni/Edit transformer: ComfyUI's samplers cannot hand it reference "
                              "images, so sample it with the Z-Image Sampler and Z-Image Edit Conditioning")  # fmt: skip
         lengths = None if attention_mask is None else [int(n) for n in attention_mask.flatten(1).sum(1)]
-        control = control_of(kwargs.get("transformer_options", {}), float(timesteps.flatten()[0]))
+        control = control_of(kwargs.get("transformer_options", {}), timesteps)
         if control is not None:  # under KSampler: first seen here at the latent's size
             control = control.fitted(x.shape[-2:])
             control.check(self.cfg, x.shape)
