@@ -298,6 +298,22 @@ def test_block_scaled_gemms_call_blackwells_kernel_as_comfyui_does(label, dtype,
     assert rel_err(ours, theirs) <= 1e-6
 
 
+@pytest.mark.parametrize("label", ["mxfp8", "nvfp4"])
+def test_the_trial_that_turns_a_block_scaled_gemm_on_has_every_operand_on_its_device(label, monkeypatch):
+    """`auto` turns these on where a trial call runs: an operand left on the CPU would fail the trial on every
+    Blackwell GPU and keep the kernel off. On the meta device, every tensor the kernel gets must be there."""
+    devices = []
+
+    def kernel(a, b, **kw):
+        tensors = [a, b, *(v for value in kw.values() for v in (value if isinstance(value, list) else [value]))]
+        devices.extend(t.device.type for t in tensors if isinstance(t, torch.Tensor))
+        return torch.empty(len(a), b.shape[1], device=a.device, dtype=kw["output_dtype"])
+
+    monkeypatch.setattr(F, "scaled_mm", kernel)
+    assert gemm.runs(label, torch.device("meta"), torch.bfloat16) is None
+    assert len(devices) >= 4 and set(devices) == {"meta"}, devices
+
+
 @pytest.fixture(scope="module")
 def quantized_small(small_ref, tmp_path_factory):
     """The SMALL model's block Linears quantized by comfy-kitchen as ComfyUI's files hold them, per format."""
@@ -400,7 +416,7 @@ def traced_capture(fn, inputs):
     return buffers, output, lambda: output.copy_(traced(*buffers))
 
 
-def test_cuda_graphs_replay_each_shape_and_caption_lengths_as_the_eager_model(small_folder, monkeypatch):
+def test_cuda_graphs_replay_each_shape_and_caption_lengths_as_the_eager_model(small_folder):
     """Calls as the step loop makes them (new latents and times each step; new sizes and prompt lengths between
     images): the first of each shape and caption lengths runs eagerly and is captured, the others replay, and every
     result is the eager model's. Replay with stale inputs, or with a time or caption length fixed at capture, would
@@ -474,7 +490,7 @@ def test_cuda_capture_records_on_copies_in_one_shared_pool_and_replays_the_graph
     monkeypatch.setattr(torch.cuda, "graph", capturing)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    monkeypatch.setattr(graphs, "POOLS", {})
+    graphs.shared_pool.cache_clear()
     x = torch.randn(3, requires_grad=True)
     for _ in range(2):
         buffers, out, replay = graphs.cuda_capture(lambda a: a * 2, (x,))
@@ -482,6 +498,7 @@ def test_cuda_capture_records_on_copies_in_one_shared_pool_and_replays_the_graph
         assert rel_err(out, 2 * x.detach()) == 0
         replay()
     assert len(pools) == 2 and pools[0] is pools[1] and captured == ["replay"] * 2
+    graphs.shared_pool.cache_clear()  # the stand-in pool must not outlive this test
 
 
 # ---- no host syncs in the step loop ----
@@ -529,7 +546,7 @@ def test_the_step_loop_never_reads_a_value_back_from_the_device():
 def every_compact_weight_and_activation_quantizer():
     """(name, call) for each dequantization (GGML kinds, ComfyUI's formats) and each activation quantizer."""
     import numpy as np
-    from helpers import gguf_quantize
+    from helpers import ck_quantize, gguf_quantize
 
     from zimage_core import ggml
     from zimage_core.quant import Format, dequantize
@@ -540,8 +557,6 @@ def every_compact_weight_and_activation_quantizer():
         data = torch.from_numpy(np.ascontiguousarray(gguf_quantize(w, kind)[0]))
         yield kind, lambda data=data, kind=kind: ggml.dequantize(data, kind, (48, 512), torch.bfloat16)
     for label in ("int8_tensorwise + convrot 256", "mxfp8", "nvfp4"):
-        from helpers import ck_quantize
-
         parts, _ = ck_quantize(w, label)
         fmt = Format(label.split(" + ")[0], 256 if "convrot" in label else 0)
         scale = fmt.prepare_scale(parts["weight_scale"], tuple(parts["weight"].shape))

@@ -30,7 +30,7 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 E2M1_MAX = 6.0
 MIN_ROWS = 32  # fewer rows (the modulation's one per image) gain nothing; cuBLAS's int8 GEMM wants more than 16
 NEEDS = {"fp8": (8, 9), "int8": (8, 0), "mxfp8": (10, 0), "nvfp4": (10, 0)}  # the CUDA capability of each
-BLOCK_SCALED = {"mxfp8": 32, "nvfp4": 16}  # values per scale; Blackwell's kernels, which no CPU runs
+BLOCK_SCALED = ("mxfp8", "nvfp4")  # Blackwell's kernels: torch has none for the CPU
 
 
 def row_scales(x: torch.Tensor, top: float) -> torch.Tensor:
@@ -115,7 +115,7 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=1)
 def kitchen():
     """comfy-kitchen where it is installed (ComfyUI 0.33.0 ships it), else None: on the GPU its one fused kernel
-    quantizes an activation to mxfp8 or nvfp4, bit for bit as ours, which eagerly is a dozen elementwise kernels."""
+    quantizes an activation to mxfp8 or nvfp4, bit for bit as ours, which eagerly is about 30 elementwise kernels."""
     try:
         import comfy_kitchen
     except (ImportError, OSError, RuntimeError):  # absent, or built for another CUDA: ours quantizes
@@ -152,7 +152,8 @@ def mxfp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K / 2 packed e2m1, plain e4m3 scales per 16, one per tensor) in x's dtype: x quantized
-    to nvfp4 (its rows padded to 16, as ComfyUI pads them), one block-scaled GEMM."""
+    to nvfp4 (its rows padded to 16, as ComfyUI pads them), one block-scaled GEMM. The weight's scales are held
+    untiled, as dequantizing reads them, and tiled per call (an eighth of the weight's bytes), not held twice."""
     padded = pad_rows(x, 16)
     if fused(x):
         tensor_scale = nvfp4_tensor_scale(padded)
@@ -218,7 +219,8 @@ def runs(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
             mxfp8_linear(x, ones.to(torch.float8_e4m3fn), torch.full((32, 2), 127, dtype=torch.uint8, device=device))
         else:
             scales = torch.ones(32, 4, device=device).to(torch.float8_e4m3fn)
-            nvfp4_linear(x, torch.full((32, 32), 0x22, dtype=torch.uint8, device=device), scales, torch.ones(()))
+            packed = torch.full((32, 32), 0x22, dtype=torch.uint8, device=device)
+            nvfp4_linear(x, packed, scales, torch.ones((), device=device))
     except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None

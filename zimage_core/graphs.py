@@ -7,8 +7,8 @@ caches, RoPE tables and masks, are built outside the capture), then the same cal
 their inputs into the graph's buffers and replay it. A graph reads the memory it was captured with, so an entry
 holds what the forward reads from outside (the shape's layout), the weights must stay where they are (no streaming:
 `Speed` refuses the two together) and a call with a ControlNet runs eagerly. A forward that cannot be captured
-(a weight format whose dequantization copies a table from the host each call) runs eagerly from then on, after
-one warning. All graphs share one memory pool: the activations of one forward stay reserved, not one per shape.
+(one that copies from the host or reads a value back, as an attention package might) runs eagerly from then on,
+after one warning. All graphs share one memory pool: the activations of one forward stay reserved, not one per shape.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -76,10 +77,6 @@ def cuda_capture(fn: Callable, inputs: tuple) -> tuple[tuple, torch.Tensor, Call
     return buffers, output, graph.replay
 
 
-POOLS: dict = {}
-
-
+@cache
 def shared_pool(device: torch.device):
-    if device not in POOLS:
-        POOLS[device] = torch.cuda.graph_pool_handle()
-    return POOLS[device]
+    return torch.cuda.graph_pool_handle()
